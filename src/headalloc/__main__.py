@@ -1,0 +1,5 @@
+import sys
+
+from headalloc.cli import main
+
+sys.exit(main())

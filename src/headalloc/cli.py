@@ -1,0 +1,169 @@
+"""The `headalloc` command: one entry point with a subcommand per job.
+
+Each subcommand is a thin layer over a library function with the same parameters, so the CLI and
+the Python API say the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ---------------------------------------------------------------- plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    from headalloc.theory import allocate
+
+    res = allocate(args.budget, args.token_dim, args.rho, args.B, top_k=args.top, exact_budget=not args.at_most,
+                   head_dims=args.head_dims, max_heads=args.max_heads, max_groups=args.max_groups)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(f"budget D={res.budget}  token dim d={res.token_dim}  |rho|={list(res.rho_norms)}  B={res.B}  "
+              f"({'sum H_m d_m = D' if res.exact_budget else 'sum H_m d_m <= D'})")
+        for rank, a in enumerate(res.allocations):
+            label = "optimum" if rank == 0 else f"runner-up {rank}"
+            b = a.bound
+            print(f"\n{label}: M={a.n_groups} groups, {a.n_heads} heads, budget used {a.budget}")
+            print(f"  bound {b.total:.4f} = dimension {b.dimension:.4f} + selection {b.selection:.4f} + tail {b.tail:.4f}")
+            print("  lag  heads  head_dim  heads*dim")
+            for m, (h, d) in enumerate(a.groups, start=1):
+                print(f"  {m:>3}  {h:>5}  {d:>8}  {h * d:>9}")
+    if args.plot:
+        from headalloc.reports.figures import plot_uniform_group_curve
+        from headalloc.theory import error_bound
+
+        M = res.best.n_groups
+        per_group = res.budget / M
+        hs = [h for h in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if h <= per_group]
+        rec = {"uniform_heads_per_group": hs,
+               "uniform_curve": [error_bound([(h, per_group / h)] * M, res.rho_norms, res.token_dim, res.B).to_dict()
+                                 for h in hs],
+               "solution": res.to_dict(), "config": {"budget": res.budget, "token_dim": res.token_dim}}
+        path = plot_uniform_group_curve(rec, Path(args.plot))
+        print(f"\nfigure: {path}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- reproduce
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from headalloc.experiments.registry import run_experiment, select
+    from headalloc.reports.html import build_report
+
+    exps = select(args.only)
+    out = Path(args.out)
+    failed = []
+    for exp in exps:
+        try:
+            run_experiment(exp, out, quick=args.quick, seed=args.seed, force=args.force,
+                           executor=args.executor, ray_address=args.ray_address)
+        except Exception as e:  # one failing experiment must not lose the others' report
+            if args.fail_fast:
+                raise
+            failed.append(exp.name)
+            print(f"[{exp.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+    report = build_report(out, exps)
+    print(f"report: {report}")
+    if failed:
+        print(f"failed experiments: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from headalloc.experiments.registry import experiments
+
+    for name, exp in experiments().items():
+        print(f"{name:28s} {exp.title}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from headalloc.experiments.registry import result_path, select
+    from headalloc.io import read_json
+    from headalloc.reports.html import build_report
+
+    out = Path(args.out)
+    exps = select(args.only)
+    for exp in exps:  # redraw figures from stored results only
+        p = result_path(out, exp)
+        if p.exists():
+            exp.plot(read_json(p), out / exp.name)
+    print(f"report: {build_report(out, exps)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headalloc", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="optimal allocation of heads and head dimensions for a budget")
+    p.add_argument("--budget", type=int, required=True, help="total budget D = sum_m H_m d_m")
+    p.add_argument("--token-dim", type=int, required=True, help="token dimension d")
+    p.add_argument("--rho", type=_floats, required=True, help="lag weights |rho_1|,|rho_2|,...")
+    p.add_argument("--B", type=float, default=1.0, help="input norm bound B")
+    p.add_argument("--top", type=int, default=5, help="how many allocations to list (optimum + runners-up)")
+    p.add_argument("--at-most", action="store_true", help="solve sum H_m d_m <= D instead of == D")
+    p.add_argument("--head-dims", type=_ints, default=None, help="allowed head dimensions, e.g. 8,16,32,64")
+    p.add_argument("--max-heads", type=int, default=None, help="cap on heads per group")
+    p.add_argument("--max-groups", type=int, default=None, help="cap on the number of groups M")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", default=None, metavar="FILE", help="draw the bound against heads per group")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("reproduce", help="run the registered experiments and write the report")
+    p.add_argument("--out", default="results", help="output folder (results, figures, report.html)")
+    p.add_argument("--quick", action="store_true", help="minutes on a laptop instead of the paper-scale run")
+    p.add_argument("--only", default=None, help="comma-separated experiment names (see `headalloc list`)")
+    p.add_argument("--force", action="store_true", help="recompute finished experiments")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="where sweeps run")
+    p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing experiment")
+    p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("list", help="list the registered experiments")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("report", help="redraw figures and the HTML report from stored results")
+    p.add_argument("--out", default="results")
+    p.add_argument("--only", default=None)
+    p.set_defaults(fn=cmd_report)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return ap
+
+
+# Later modules add subcommands here (train, sweep, saturation, compress, evaluate).
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"headalloc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Registered experiments. Importing this package registers every built-in experiment."""
+
+from headalloc.experiments import theory  # noqa: F401

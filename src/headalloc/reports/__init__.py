@@ -1,0 +1,1 @@
+"""Reports: figures drawn from stored results, and the HTML report of `headalloc reproduce`."""
