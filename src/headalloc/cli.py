@@ -109,6 +109,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- saturation
+def cmd_saturation(args: argparse.Namespace) -> int:
+    from headalloc.assets import load_model
+    from headalloc.experiments.saturation import table
+    from headalloc.io import atomic_write_json
+    from headalloc.probe.saturation import measure_saturation
+    from headalloc.reports.figures import plot_saturation, plot_slopes
+
+    out = Path(args.out)
+    model, tok = load_model(args.model)
+    rec = measure_saturation(model, tok, args.corpus, args.lengths, args.windows, seed=args.seed, split=args.split)
+    rec["config"] = {"model": str(args.model), "corpus": str(args.corpus), "split": args.split,
+                     "lengths": args.lengths, "n_windows": args.windows, "seed": args.seed}
+    atomic_write_json(out / "saturation.json", rec)
+    plot_saturation(rec, out / "jacobian_norm_vs_L.png", out / "logit_spread_vs_L.png", str(args.model))
+    plot_slopes(rec, out / "slope_per_head.png", str(args.model))
+    for row in table(rec):
+        print(f"{row['quantity']:45s} {row['measured']:>24s}   (paper: {row['paper']})")
+    print(f"results and figures in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headalloc", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -145,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--only", default=None)
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("saturation", help="softmax-Jacobian norm per layer and head against context length")
+    p.add_argument("--model", default="smollm2", help="smollm2, minilm, or a Hugging Face model directory")
+    p.add_argument("--corpus", default="wiki", help="wiki, pydoc, or a text file")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--lengths", type=_ints, default=[4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--windows", type=int, default=8, help="windows of text per length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/saturation")
+    p.set_defaults(fn=cmd_saturation)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

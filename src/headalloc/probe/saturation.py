@@ -1,0 +1,177 @@
+"""Softmax saturation of a pretrained model: ||J||_2 of every layer and head against context length L.
+
+What is averaged (stated once, used everywhere):
+- Causal models: for each window of max(L) tokens, the query row at position L-1 attends to
+  exactly L keys, and by causality its attention equals that of a window of exactly L tokens. So
+  one forward pass per window gives the full-context-L row for every L; statistics for a length
+  are over windows (one row per window, per layer and head).
+- Bidirectional models: a separate forward per L on windows of L tokens ([CLS] ... [SEP]), every
+  query row sees all L keys; statistics are over all rows of all windows.
+Per (L, layer, head): mean and median of ||J||_2, mean largest probability, mean logit spread
+(max - min of the scaled logits over the row's keys).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from headalloc.assets.corpus import Corpus, load_corpus, token_windows
+from headalloc.probe.attention import AttentionChunk, AttentionProbe
+from headalloc.theory.saturation import softmax_jacobian_norm
+
+
+def is_causal_model(model) -> bool:
+    cfg = model.config
+    return bool(getattr(cfg, "is_decoder", False)) or any(
+        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (getattr(cfg, "architectures", None) or [])
+    ) or model.__class__.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def _validate_lengths(lengths: Sequence[int], limit: int | None) -> list[int]:
+    lengths = sorted({int(x) for x in lengths})
+    if not lengths or lengths[0] < 2:
+        raise ValueError(f"lengths must be integers >= 2 (a softmax over one key is constant); got {lengths}")
+    if limit is not None and lengths[-1] > limit:
+        raise ValueError(f"length {lengths[-1]} exceeds the model's maximum of {limit} positions; "
+                         f"use lengths up to {limit}")
+    return lengths
+
+
+def loglog_slope(lengths: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of log(value) against log(L) (-1 is the O(1/L) rate)."""
+    x, y = np.log(np.asarray(lengths, float)), np.log(np.asarray(values, float))
+    ok = np.isfinite(y)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(x[ok], y[ok], 1)[0])
+
+
+@torch.no_grad()
+def measure_saturation(model, tokenizer, corpus: Corpus | str = "wiki", lengths: Sequence[int] = (4, 8, 16, 32),
+                       n_windows: int = 8, seed: int = 0, split: str = "validation", progress: bool = True) -> dict:
+    """Per length, layer and head: statistics of ||diag(p) - p p^T||_2 over query rows (see module doc)."""
+    if isinstance(corpus, str):
+        corpus = load_corpus(corpus)
+    causal = is_causal_model(model)
+    lengths = _validate_lengths(lengths, max_positions(model))
+    # store[L][layer] -> list of (norm, pmax, spread) tensors of shape (H, samples) for that chunk.
+    store: dict[int, dict[int, list]] = {L: {} for L in lengths}
+
+    pending: list[tuple[AttentionChunk, torch.Tensor, torch.Tensor]] = []
+
+    def cb(c: AttentionChunk):
+        # Cheap statistics now; the Jacobian norms of all layers in one batched call after the pass.
+        finite = torch.isfinite(c.logits)
+        spread = torch.where(finite, c.logits, -torch.inf).amax(-1) - torch.where(finite, c.logits, torch.inf).amin(-1)
+        pending.append((c, c.probs.amax(-1).double(), spread.double()))
+
+    def flush(split_rows: bool) -> float:
+        t = time.perf_counter()
+        shapes = [c.probs.shape for c, _, _ in pending]
+        same = len({s[-1] for s in shapes}) == 1
+        if same:
+            flat = torch.cat([c.probs.reshape(-1, c.probs.shape[-1]) for c, _, _ in pending]).double()
+            norms_flat = softmax_jacobian_norm(flat)
+        offset = 0
+        for (c, pm, sp), shp in zip(pending, shapes):
+            n_el = shp[0] * shp[1] * shp[2]
+            n = (norms_flat[offset:offset + n_el].reshape(shp[:3]) if same
+                 else softmax_jacobian_norm(c.probs.double()))
+            offset += n_el
+            if split_rows:  # causal: row r is the full-context row of lengths[r]
+                for r, L in enumerate(lengths):
+                    _add(L, c, n[:, :, r:r + 1], pm[:, :, r:r + 1], sp[:, :, r:r + 1])
+            else:
+                _add(c.rows.numel(), c, n, pm, sp)
+        pending.clear()
+        return time.perf_counter() - t
+
+    def _add(L: int, c: AttentionChunk, n, pm, sp):
+        # (B, H, R) -> (H, B*R); chunks of heads are concatenated along H later
+        flat = [x.permute(1, 0, 2).reshape(x.shape[1], -1) for x in (n, pm, sp)]
+        store[L].setdefault(c.layer, {}).setdefault(c.head_start, []).append(flat)
+
+    t_forward = t_jac = 0.0
+    if causal:
+        Lmax = lengths[-1]
+        windows = token_windows(tokenizer, corpus, split, Lmax, n_windows, seed=seed)
+        # Row L-1 has zero probability (and -inf logits) past key L-1, so whole rows are exact.
+        with AttentionProbe(model, cb, rows=[L - 1 for L in lengths]):
+            for w in tqdm(windows, desc=f"saturation windows (L<={Lmax})", disable=not progress):
+                t = time.perf_counter()
+                model(input_ids=w[None])
+                t_forward += time.perf_counter() - t
+                t_jac += flush(split_rows=True)
+    else:
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        pre = [cls_id] if cls_id is not None else []
+        suf = [sep_id] if sep_id is not None else []
+        for L in tqdm(lengths, desc="saturation lengths", disable=not progress):
+            windows = token_windows(tokenizer, corpus, split, L, n_windows, seed=seed, prefix_ids=pre, suffix_ids=suf)
+            with AttentionProbe(model, cb):
+                t = time.perf_counter()
+                model(input_ids=windows)
+                t_forward += time.perf_counter() - t
+            t_jac += flush(split_rows=False)
+
+    n_layers = len(store[lengths[0]])
+    per_layer = {L: {l: [torch.cat([torch.cat([f[k] for f in store[L][l][h0]], dim=1)
+                                    for h0 in sorted(store[L][l])], dim=0) for k in range(3)]
+                     for l in store[L]} for L in lengths}
+    n_heads = per_layer[lengths[0]][0][0].shape[0]
+    out = {k: np.zeros((len(lengths), n_layers, n_heads)) for k in ("norm_mean", "norm_median", "pmax_mean",
+                                                                     "spread_mean")}
+    for i, L in enumerate(lengths):
+        for l in range(n_layers):
+            norm, pmax, spread = per_layer[L][l]
+            out["norm_mean"][i, l] = norm.mean(1).numpy()
+            out["norm_median"][i, l] = norm.median(1).values.numpy()
+            out["pmax_mean"][i, l] = pmax.mean(1).numpy()
+            out["spread_mean"][i, l] = spread.mean(1).numpy()
+    layer_norm = out["norm_mean"].mean(axis=2)  # (len, layers)
+    slopes_layer = [loglog_slope(lengths, layer_norm[:, l]) for l in range(n_layers)]
+    slopes_head = [[loglog_slope(lengths, out["norm_mean"][:, l, h]) for h in range(n_heads)] for l in range(n_layers)]
+    return {
+        "causal": causal,
+        "lengths": lengths,
+        "n_windows": n_windows,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "averaging": ("causal: query row L-1 of each window (exactly L keys), one row per window"
+                      if causal else "bidirectional: every query row of every window of L tokens"),
+        **{k: v.tolist() for k, v in out.items()},
+        "slope_per_layer": slopes_layer,
+        "slope_per_head": slopes_head,
+        "slope_model": loglog_slope(lengths, layer_norm.mean(axis=1)),
+        "slope_pmax_model": loglog_slope(lengths, out["pmax_mean"].mean(axis=(1, 2))),
+        "slope_spread_model": loglog_slope(lengths, np.maximum(out["spread_mean"].mean(axis=(1, 2)), 1e-12)),
+        "seconds_forward": t_forward,
+        "seconds_jacobian": t_jac,
+    }
+
+
+def saturation_verdict(rec: dict) -> dict:
+    """Where the paper's claims hold: a fall with L (slope < 0) and the O(1/L) rate (slope <= -0.9)."""
+    slopes = np.asarray(rec["slope_per_layer"], float)
+    return {
+        "layers": len(slopes),
+        "layers_falling": int((slopes < 0).sum()),
+        "layers_at_1_over_L": int((slopes <= -0.9).sum()),
+        "slope_min": float(np.nanmin(slopes)),
+        "slope_max": float(np.nanmax(slopes)),
+        "slope_median": float(np.nanmedian(slopes)),
+    }
+
+
+def _isfinite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
