@@ -96,3 +96,51 @@ def plot_slopes(rec: dict, path: Path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="slope of log ||J|| vs log L (-1 = O(1/L))")
     ax.set_title(title + " saturation slope per head")
     return save_figure(fig, path)
+
+
+def plot_fourgram_tradeoff(rec: dict, paper: dict, path: Path) -> Path:
+    """Validation MSE against heads per group (measured, mean ± std over seeds), the paper's values
+    and the bound's prediction (right axis)."""
+    import numpy as np
+
+    hs = rec["heads_per_group"]
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    ax.errorbar(hs, rec["val_mse_mean"], yerr=rec["val_mse_std"], marker="o", capsize=3, label="measured val MSE")
+    ax.plot(list(paper), list(paper.values()), "s--", color="C3", label="paper val MSE")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("heads per group H (4 groups, head dim 64/H)")
+    ax.set_ylabel("validation MSE")
+    ax2 = ax.twinx()
+    ax2.plot(hs, rec["bound"], "k:", label="bound E_256 (right)")
+    ax2.set_ylabel("error bound")
+    lines = ax.get_legend_handles_labels()
+    l2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + l2[0], lines[1] + l2[1], fontsize=8)
+    ax.set_title(f"4-gram: argmin measured H={rec['argmin_empirical']}, bound H={rec['argmin_bound']}")
+    return save_figure(fig, path)
+
+
+def plot_dretrieval_grid(rec: dict, paper: dict, paper_T: list, path: Path) -> Path:
+    """NMSE against h per T (log scale), for each variant, with the paper's Table 2 for D=4."""
+    variants = [v for v in ("main", "d3", "two_layer") if v in rec["grid"]]
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.0 * len(variants), 4.2), squeeze=False)
+    titles = {"main": "D=4, one layer", "d3": "D=3, one layer", "two_layer": "D=4, two layers"}
+    for ax, v in zip(axes[0], variants):
+        g = rec["grid"][v]
+        hs = sorted(g, key=int)
+        Ts = sorted({int(T) for h in hs for T in g[h]})
+        cmap = plt.get_cmap("plasma")
+        for i, T in enumerate(Ts):
+            xs = [int(h) for h in hs if str(T) in g[h]]
+            ax.plot(xs, [g[str(h)][str(T)]["mean"] for h in xs], marker="o", color=cmap(i / max(1, len(Ts))),
+                    label=f"T={T}")
+            if v == "main" and T in paper_T:
+                ax.plot(sorted(paper), [paper[h][paper_T.index(T)] for h in sorted(paper)], ls=":",
+                        color=cmap(i / max(1, len(Ts))), alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel("heads h (dimension 8 each)")
+        ax.set_ylabel("validation NMSE")
+        ax.set_title(titles[v] + (" (dotted: paper Table 2)" if v == "main" else ""))
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)

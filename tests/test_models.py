@@ -1,0 +1,97 @@
+"""Grouped-head attention against an independent reference: per-group attention written out by hand
+with explicit softmax, and torch's own MultiheadAttention for the one-group case."""
+
+import pytest
+import torch
+
+from headalloc.models import GroupedAttention, SeqModel, SeqModelConfig, attention_params
+from headalloc.models.attention import apply_rotary, as_groups, rotary_cache, split_width
+
+
+def reference_attention(layer: GroupedAttention, x: torch.Tensor) -> torch.Tensor:
+    """Each head computed one at a time with an explicit softmax and causal mask."""
+    B, T, _ = x.shape
+    W, b = layer.qkv.weight, layer.qkv.bias
+    qk, vt = layer.qk_total, layer.v_total
+    heads_out = []
+    q_off, v_off = 0, 2 * qk
+    for g in layer.groups:
+        for h in range(g.n_heads):
+            qs = slice(q_off + h * g.qk_dim, q_off + (h + 1) * g.qk_dim)
+            ks = slice(qk + q_off + h * g.qk_dim, qk + q_off + (h + 1) * g.qk_dim)
+            vs = slice(v_off + h * g.v_dim, v_off + (h + 1) * g.v_dim)
+            q, k, v = x @ W[qs].T + b[qs], x @ W[ks].T + b[ks], x @ W[vs].T + b[vs]
+            if layer.rotary:
+                cos, sin = rotary_cache(T, g.qk_dim)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            s = q @ k.transpose(-1, -2) / g.qk_dim ** 0.5
+            if layer.causal:
+                s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+            heads_out.append(torch.softmax(s, -1) @ v)
+        q_off += g.n_heads * g.qk_dim
+        v_off += g.n_heads * g.v_dim
+    return layer.out(torch.cat(heads_out, -1))
+
+
+@pytest.mark.parametrize("groups,causal,rotary", [
+    ([(2, 8, 8), (3, 4, 6), (1, 16, 2)], True, False),
+    ([(4, 4, 4), (2, 8, 8)], False, False),
+    ([(2, 8, 8), (1, 4, 12)], True, True),
+])
+def test_grouped_attention_matches_per_head_reference(groups, causal, rotary):
+    torch.manual_seed(0)
+    layer = GroupedAttention(24, groups, causal=causal, rotary=rotary)
+    x = torch.randn(3, 11, 24)
+    assert torch.allclose(layer(x), reference_attention(layer, x), atol=1e-5)
+
+
+def test_one_group_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    layer = GroupedAttention(32, [(4, 8, 8)], causal=True)
+    with torch.no_grad():
+        layer.qkv.weight.copy_(mha.in_proj_weight)
+        layer.qkv.bias.copy_(mha.in_proj_bias)
+        layer.out.weight.copy_(mha.out_proj.weight)
+        layer.out.bias.copy_(mha.out_proj.bias)
+    x = torch.randn(2, 9, 32)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    ref, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert attention_params(32, [(4, 8, 8)]) == sum(p.numel() for p in mha.parameters())
+
+
+def test_padding_mask_ignores_padded_keys():
+    torch.manual_seed(0)
+    layer = GroupedAttention(16, [(2, 8, 8)], causal=False)
+    x = torch.randn(1, 6, 16)
+    keep = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    full = layer(x, keep)[:, :4]
+    trimmed = layer(x[:, :4])
+    assert torch.allclose(full, trimmed, atol=1e-6)
+
+
+def test_bad_groups_and_widths_are_clear_errors():
+    with pytest.raises(ValueError, match="positive integer"):
+        as_groups([(0, 8)])
+    with pytest.raises(ValueError, match="does not divide into 3 heads"):
+        split_width(64, 3)
+    with pytest.raises(ValueError, match="even query/key widths"):
+        GroupedAttention(16, [(2, 3, 3)], rotary=True)
+    with pytest.raises(ValueError, match="exactly one of input_dim"):
+        SeqModelConfig(d_model=8, layers=[[(1, 8)]])
+
+
+def test_seqmodel_papers_setups_shapes_and_counts():
+    m = SeqModel(SeqModelConfig(d_model=256, layers=[[(8, 8, 8)] * 4], input_dim=8, output_dim=8,
+                                positions="sinusoidal"))
+    assert m(torch.randn(2, 16, 8)).shape == (2, 16, 8)
+    assert m.attention_params() == sum(p.numel() for p in m.blocks[0].attn.parameters())
+    r = SeqModel(SeqModelConfig(d_model=32, layers=[[(4, 8, 8)]], input_dim=4, input_mlp_hidden=32,
+                                readout_hidden=32, cls_token=True, residual=False))
+    assert r(torch.randn(5, 7, 4)).shape == (5, 1)
+    # the classification token sees every position: permuting the inputs leaves the output unchanged
+    x = torch.randn(2, 7, 4)
+    assert torch.allclose(r(x), r(x[:, torch.randperm(7)]), atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        m(torch.randn(1, 2000, 8))

@@ -1,0 +1,119 @@
+"""Tasks against their definitions, the trainer on a learnable task, and the sweep store."""
+
+import sqlite3
+
+import pytest
+import torch
+
+from headalloc.tasks import make_task
+from headalloc.training import NonFiniteLossError, SweepStore, TrainConfig, run_sweep, train
+from headalloc.training.runs import build_model, run_synthetic
+
+
+def test_convolution_target_by_definition():
+    t = make_task("convolution", d=3, lags=[0, 2], T=6, n_train=4, n_val=2, seed=0)
+    x, y = t.x_train, t.y_train
+    # recover rho_0 and rho_2 by least squares on positions where both lags exist, check exact fit
+    X = torch.cat([x[:, 2:], x[:, :-2]], -1).reshape(-1, 6)
+    sol = torch.linalg.lstsq(X, y[:, 2:].reshape(-1, 3)).solution
+    assert torch.allclose(X @ sol, y[:, 2:].reshape(-1, 3), atol=1e-4)
+    assert t.score_mask.tolist() == [False, False, True, True, True, True]
+
+
+def test_induction_first_step_and_induction():
+    t = make_task("induction_first_step", d=4, T=8, n_train=3, n_val=1)
+    assert torch.allclose(t.y_train[:, 1:], t.x_train[:, :-1])
+    ind = make_task("induction", vocab=10, T=8, n_train=5, n_val=2)
+    assert torch.equal(ind.x_train[:, :4], ind.x_train[:, 4:])
+    m = ind.score_mask
+    assert torch.equal(ind.y_train[:, m], ind.x_train[:, 5:8])
+
+
+def test_dretrieval_target_by_definition():
+    t = make_task("dretrieval", D=3, d=4, T=5, n_train=50, n_val=10, seed=0)
+    a = torch.tensor(t.info["a"])
+    raw = (t.x_train @ a.T).amax(1).sum(-1, keepdim=True)
+    mu, sd = t.info["y_mean"][0], t.info["y_std"][0]
+    assert torch.allclose((raw - mu) / sd, t.y_train, atol=1e-5)
+    assert torch.linalg.matrix_rank(a) == 3
+    g = make_task("dretrieval_general", D=3, d=2, T=8, n_train=20, n_val=5, subsets=True, F0="tanh")
+    assert g.y_train.shape == (20, 1) and torch.isfinite(g.y_train).all()
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("nope")
+    with pytest.raises(ValueError, match="need d >= D"):
+        make_task("dretrieval", D=5, d=4)
+
+
+def test_trainer_learns_previous_token_copy():
+    task = make_task("induction_first_step", d=4, T=8, n_train=2000, n_val=500)
+    model = build_model(task, {"d_model": 32, "layers": [[[2, 16, 16]]], "positions": "rotary"})
+    before = train(model, task, TrainConfig(steps=1, eval_every=1), progress=False)["val"]["nmse"]
+    out = train(model, task, TrainConfig(steps=300, lr=3e-3, eval_every=100, seed=0), progress=False)
+    assert out["val"]["nmse"] < 0.1 * before
+    assert [h["step"] for h in out["history"]] == [100, 200, 300]
+
+
+def test_trainer_is_deterministic_and_detects_nonfinite_loss():
+    task = make_task("convolution", d=4, lags=[0, 1], T=6, n_train=256, n_val=64)
+    cfg = {"task": {"name": "convolution", "d": 4, "lags": [0, 1], "T": 6, "n_train": 256, "n_val": 64},
+           "model": {"d_model": 16, "layers": [[[2, 8, 8]]], "positions": "sinusoidal"},
+           "train": {"steps": 20, "eval_every": 10}}
+    assert run_synthetic(cfg)["val"] == run_synthetic(cfg)["val"]
+    model = build_model(task, cfg["model"])
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        train(model, task, TrainConfig(steps=50, lr=1e12, warmup=1, grad_clip=0), progress=False)
+
+
+def _tiny_configs(n):
+    return [{"label": f"r{i}", "task": {"name": "convolution", "d": 2, "lags": [0], "T": 4, "n_train": 64,
+                                        "n_val": 16}, "model": {"d_model": 8, "layers": [[[1, 4, 4]]]},
+             "train": {"steps": 3, "eval_every": 3, "seed": i}} for i in range(n)]
+
+
+def test_sweep_store_skips_finished_runs_and_survives_interruption(tmp_path, monkeypatch):
+    store = tmp_path / "runs.sqlite"
+    configs = _tiny_configs(3)
+    calls = []
+    import headalloc.training.runs as runs
+
+    def flaky(cfg):
+        calls.append(cfg["label"])
+        if cfg["label"] == "r2":
+            raise KeyboardInterrupt  # killed midway
+        return runs.run_synthetic(cfg)
+
+    monkeypatch.setattr(runs, "flaky", flaky, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(configs, store, "headalloc.training.runs:flaky", progress=False)
+    assert len(SweepStore(store)) == 2  # the two finished runs are kept, complete
+    calls.clear()
+    results = run_sweep(configs, store, "headalloc.training.runs:run_synthetic", progress=False)
+    assert calls == [] and all(r is not None for r in results)
+    assert len(SweepStore(store)) == 3
+    with sqlite3.connect(store) as c:
+        assert c.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 3
+
+
+def test_sweep_rejects_duplicates_and_corrupt_store(tmp_path):
+    with pytest.raises(ValueError, match="same config twice"):
+        run_sweep(_tiny_configs(1) * 2, tmp_path / "s.sqlite", progress=False)
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ValueError, match="not a usable sweep store"):
+        SweepStore(bad)
+
+
+def test_sweep_local_pool_matches_inline(tmp_path):
+    cfgs = _tiny_configs(2)
+    a = run_sweep(cfgs, tmp_path / "a.sqlite", progress=False)
+    b = run_sweep(cfgs, tmp_path / "b.sqlite", progress=False, workers=2)
+    assert [r["val"] for r in a] == [r["val"] for r in b]
+
+
+@pytest.mark.ray
+def test_sweep_on_local_ray_instance(tmp_path):
+    pytest.importorskip("ray")
+    cfgs = _tiny_configs(2)
+    a = run_sweep(cfgs, tmp_path / "a.sqlite", progress=False)
+    b = run_sweep(cfgs, tmp_path / "ray.sqlite", executor="ray", progress=False)
+    assert [r["val"] for r in a] == [r["val"] for r in b]
