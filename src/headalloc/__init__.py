@@ -1,9 +1,18 @@
-"""headalloc: how a Transformer's attention heads and head dimensions should be spread across layers.
+"""headalloc: how a Transformer's attention heads and head dimensions are spread across layers.
 
 Layout: `theory` (bound, allocation solver, softmax saturation), `models` (grouped-head attention
 and models), `tasks` (synthetic tasks), `training` (trainer, sweeps), `assets` (packaged real
-models and text), `probe` (attention capture), `compression`, `evaluation`, `experiments`
-(registered reproductions), `reports` (figures, HTML), `cli`.
+models and text), `probe` (attention capture, saturation), `compression` (head reduction, the
+exported model format), `evaluation`, `experiments` (registered reproductions), `reports`
+(figures, HTML), `cli`.
+
+Importing headalloc registers the compressed-model classes with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads a model that `headalloc compress` saved.
 """
 
 __version__ = "0.1.0"
+
+try:  # registration needs transformers; the theory works without it
+    import headalloc.compression.hf_model  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass

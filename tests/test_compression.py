@@ -1,0 +1,102 @@
+"""Compression of LLaMA-family heads: the exported model against Hugging Face's own model and
+itself after a save/load round trip, and the reductions against dense references."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import headalloc  # noqa: F401  (registers the compressed model classes)
+from headalloc.compression.llama import (LayerPlan, collect_layer_inputs, compress_llama, identity_plan,
+                                         pair_importance)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_keep_everything_reproduces_the_original_logits():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (2, 30))
+    cov = collect_layer_inputs(model, ids, keep=False)["cov"]
+    student = compress_llama(model, identity_plan(model), cov)
+    with torch.no_grad():
+        assert torch.allclose(student(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_round_trip_through_save_pretrained(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (1, 25))
+    plan = [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4, keep_rep=[[0, 2], [1, 2]])]
+    student = compress_llama(model, plan)
+    student.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert type(loaded).__name__ == "HeadallocLlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-6)
+        out = loaded.generate(ids, max_new_tokens=5, do_sample=False)
+        # the KV cache holds each layer's own widths
+        cache = loaded(ids, use_cache=True).past_key_values
+    assert out.shape == (1, 30)
+    ks = [cache.layers[i].keys.shape for i in range(3)]
+    vs = [cache.layers[i].values.shape for i in range(3)]
+    assert [k[1] for k in ks] == [2, 1, 2] and [k[-1] for k in ks] == [8, 4, 16] and [v[-1] for v in vs] == [16, 8, 4]
+    assert loaded.kv_cache_bytes_per_token() == 4 * (2 * 24 + 1 * 12 + 2 * 20)
+
+
+def test_generate_matches_full_forward_greedy():
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(8, 8)] * 3)
+    ids = torch.randint(0, 120, (1, 10))
+    with torch.no_grad():
+        gen = student.generate(ids, max_new_tokens=6, do_sample=False)
+        seq = ids
+        for _ in range(6):  # no cache: recompute every step
+            nxt = student(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_pair_importance_equals_measured_logit_energy():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (4, 40))
+    data = collect_layer_inputs(model, ids)
+    attn = model.model.layers[1].self_attn
+    imp = pair_importance(attn, data["cov"][1], 2, 3, 16)
+    x = torch.cat([t.reshape(-1, 48) for t in data["inputs"][1]]).double()
+    q = (x @ attn.q_proj.weight.double().T).view(-1, 2, 3, 16)
+    k = (x @ attn.k_proj.weight.double().T).view(-1, 2, 16)
+    eq = (q[..., :8] ** 2 + q[..., 8:] ** 2).mean(0).sum(1)  # (kv, pair)
+    ek = (k[..., :8] ** 2 + k[..., 8:] ** 2).mean(0)
+    assert torch.allclose(imp, eq * ek, rtol=1e-6)
+
+
+def test_value_svd_is_optimal_rank_k_for_the_group():
+    """Plain value SVD: the group's value-output map error equals the discarded singular values."""
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    from headalloc.compression.llama import value_output_svd
+    vs, os_ = value_output_svd(attn, None, 2, 3, 16, 5)
+    Wv = attn.v_proj.weight.detach().double().view(2, 16, 48)
+    Wo = attn.o_proj.weight.detach().double().view(48, 2, 3, 16)
+    for g in range(2):
+        A = torch.cat([Wo[:, g, h] @ Wv[g] for h in range(3)])
+        approx = torch.cat([os_[g][h] @ vs[g] for h in range(3)])
+        s = torch.linalg.svdvals(A)
+        assert torch.linalg.norm(A - approx).item() == pytest.approx(s[5:].square().sum().sqrt().item(), rel=1e-6)
+
+
+def test_bad_plans_are_clear_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="qk_dim must be even"):
+        compress_llama(model, [LayerPlan(7, 8)] * 3)
+    with pytest.raises(ValueError, match="plan has 1 layers"):
+        compress_llama(model, [LayerPlan(8, 8)])
+    with pytest.raises(ValueError, match="LLaMA-family"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        compress_llama(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), [])
