@@ -100,3 +100,49 @@ def test_bad_plans_are_clear_errors():
     with pytest.raises(ValueError, match="LLaMA-family"):
         from transformers import GPT2Config, GPT2LMHeadModel
         compress_llama(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), [])
+
+
+# ---------------------------------------------------------------- single heads
+from headalloc.compression.single_head import (head_forward, reduce_head, teacher_head_bert,  # noqa: E402
+                                               teacher_head_llama)
+
+
+def test_llama_head_matrices_reproduce_eager_attention():
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 120, (2, 12))
+    data = collect_layer_inputs(model, ids)
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions
+    X = torch.cat(data["inputs"][1]).double()
+    cos, sin = (torch.cat([p[j] for p in data["pos"]]).double() for j in (0, 1))
+    hw = teacher_head_llama(model, 1, 4)
+    _, probs, _ = head_forward(hw, X, True, cos, sin)
+    assert torch.allclose(probs.float(), att[1][:, 4], atol=1e-5)
+    # the full-width student is the teacher
+    full = reduce_head(hw, 16, data["cov"][1])
+    assert torch.allclose(head_forward(full, X, True, cos, sin)[2], head_forward(hw, X, True, cos, sin)[2], atol=1e-8)
+
+
+def test_bert_head_svd_student_full_rank_is_exact_and_low_rank_is_optimal():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=40)).eval()
+    m.set_attn_implementation("eager")
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        out = m(ids, output_attentions=True, output_hidden_states=True)
+    X = out.hidden_states[0].double()
+    hw = teacher_head_bert(m, 0, 1)
+    _, p, o = head_forward(hw, X, causal=False)
+    assert torch.allclose(p.float(), out.attentions[0][:, 1], atol=1e-5)
+    full = reduce_head(hw, 16)
+    assert torch.allclose(head_forward(full, X, False)[2], o, atol=1e-8)
+    # plain rank-r student: the query-key form error equals the discarded singular values (Eckart-Young)
+    r = reduce_head(hw, 4)
+    aug = lambda W, b: torch.cat([W, b[:, None]], 1)  # noqa: E731
+    A = aug(hw.Wq, hw.bq).T @ aug(hw.Wk, hw.bk)
+    A4 = aug(r.Wq, r.bq).T @ aug(r.Wk, r.bk)
+    s = torch.linalg.svdvals(A)
+    assert torch.linalg.norm(A - A4).item() == pytest.approx(s[4:].square().sum().sqrt().item(), rel=1e-6)

@@ -33,7 +33,7 @@ def check_llama(model) -> None:
 
 
 @torch.no_grad()
-def collect_layer_inputs(model, windows: torch.Tensor, keep: bool = True, batch: int = 1):
+def collect_layer_inputs(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: int = 1):
     """Per layer: covariance C = E[x x^T] of the attention input x (after input_layernorm), the
     inputs themselves (if `keep`), and the position embeddings, from teacher forward passes."""
     layers = model.model.layers
@@ -47,7 +47,7 @@ def collect_layer_inputs(model, windows: torch.Tensor, keep: bool = True, batch:
             x = kwargs.get("hidden_states", args[0] if args else None)
             flat = x.reshape(-1, x.shape[-1]).double()
             cov[i] += flat.T @ flat
-            if keep:
+            if keep is True or (isinstance(keep, list) and i in keep):
                 xs[i].append(x.detach().clone())
             if i == 0:
                 count[0] += flat.shape[0]
@@ -61,8 +61,8 @@ def collect_layer_inputs(model, windows: torch.Tensor, keep: bool = True, batch:
     finally:
         for h in handles:
             h.remove()
-    return {"cov": [c / count[0] for c in cov], "inputs": xs if keep else None, "pos": pos if keep else None,
-            "tokens": count[0]}
+    return {"cov": [c / count[0] for c in cov], "inputs": xs if keep is not False else None,
+            "pos": pos if keep is not False else None, "tokens": count[0]}
 
 
 def _sym_sqrt(C: torch.Tensor, eps: float = 1e-6):

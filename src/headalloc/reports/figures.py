@@ -144,3 +144,42 @@ def plot_dretrieval_grid(rec: dict, paper: dict, paper_T: list, path: Path) -> P
         ax.set_title(titles[v] + (" (dotted: paper Table 2)" if v == "main" else ""))
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_single_head(rec: dict, out: Path) -> list[Path]:
+    """Two figures: output error against student dimension (per head and variant, at the longest L),
+    and max attention-score error against L (data-aware students) with a 1/L reference."""
+    import numpy as np
+
+    dims, L = rec["dims"], rec["lengths"]
+    last = str(L[-1] - 1)
+    heads = list(rec["heads"])
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.6 * len(heads), 3.8), squeeze=False)
+    for ax, hk in zip(axes[0], heads):
+        for var, st in (("svd_plain", ":"), ("data_aware", "--"), ("finetuned", "-")):
+            ax.plot(dims, [rec["heads"][hk][str(d)][var][last]["output_rel"] for d in dims], st, marker="o",
+                    label=var)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("student dimension")
+        ax.set_ylabel(f"relative head-output error (L={L[-1]})")
+        ax.set_title(f"{rec['config']['model']} {hk}")
+        ax.legend(fontsize=7)
+    paths = [save_figure(fig, out / "error_vs_dim.png")]
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.6 * len(heads), 3.8), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, hk in zip(axes[0], heads):
+        for i, d in enumerate(dims):
+            v = [rec["heads"][hk][str(d)]["data_aware"][str(x - 1)]["score_max"] for x in L]
+            ax.plot(L, v, marker="o", color=cmap(i / max(1, len(dims) - 1)), label=f"dim {d}")
+        ref = np.asarray(L, float)
+        first = rec["heads"][hk][str(dims[0])]["data_aware"][str(L[0] - 1)]["score_max"]
+        ax.plot(L, first * ref[0] / ref, "k--", label="1/L")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length L")
+        ax.set_ylabel("max |p_student - p_teacher| per row")
+        ax.set_title(f"{rec['config']['model']} {hk}")
+        ax.legend(fontsize=7)
+    paths.append(save_figure(fig, out / "score_error_vs_L.png"))
+    return paths
