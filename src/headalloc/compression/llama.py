@@ -42,6 +42,13 @@ def collect_layer_inputs(model, windows: torch.Tensor, keep: bool | list[int] = 
     xs: list[list[torch.Tensor]] = [[] for _ in layers]
     pos: list = []
     handles = []
+    resid = [0.0 for _ in layers]  # sum of squared norms of the residual stream entering each layer
+
+    for i, layer in enumerate(layers):
+        def layer_hook(mod, args, kwargs, i=i):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            resid[i] += float(h.double().square().sum())
+        handles.append(layer.register_forward_pre_hook(layer_hook, with_kwargs=True))
     for i, layer in enumerate(layers):
         def hook(mod, args, kwargs, i=i):
             x = kwargs.get("hidden_states", args[0] if args else None)
@@ -61,7 +68,8 @@ def collect_layer_inputs(model, windows: torch.Tensor, keep: bool | list[int] = 
     finally:
         for h in handles:
             h.remove()
-    return {"cov": [c / count[0] for c in cov], "inputs": xs if keep is not False else None,
+    return {"windows": windows, "cov": [c / count[0] for c in cov], "inputs": xs if keep is not False else None,
+            "resid_sq": [r / count[0] for r in resid],
             "pos": pos if keep is not False else None, "tokens": count[0]}
 
 
@@ -87,19 +95,29 @@ def pair_importance(attn, C: torch.Tensor | None, n_kv: int, n_rep: int, head_di
 
 @torch.no_grad()
 def value_output_svd(attn, C: torch.Tensor | None, n_kv: int, n_rep: int, head_dim: int, v_new: int,
-                     keep_rep: list[list[int]] | None = None):
-    """Reduced (W_V, W_O) of width v_new per kv head by SVD of each group's value-output map."""
+                     keep_rep: list[list[int]] | None = None, cache: dict | None = None):
+    """Reduced (W_V, W_O) of width v_new per kv head by SVD of each group's value-output map.
+
+    `cache` (a dict kept by the caller) stores each group's SVD, so other widths are slices."""
     hidden = attn.v_proj.weight.shape[1]
     Wv = attn.v_proj.weight.double().view(n_kv, head_dim, hidden)
     Wo = attn.o_proj.weight.double().view(hidden, n_kv, n_rep, head_dim)
     if C is not None:
-        Cs, Cis = _sym_sqrt(C.double())
+        Cs, Cis = cache["sqrt"] if cache is not None and "sqrt" in cache else _sym_sqrt(C.double())
+        if cache is not None:
+            cache["sqrt"] = (Cs, Cis)
     new_v, new_o = [], []
     for g in range(n_kv):
         reps = list(range(n_rep)) if keep_rep is None else keep_rep[g]
-        A = torch.cat([Wo[:, g, h] @ Wv[g] for h in reps], dim=0)  # (len(reps)*hidden, hidden)
-        Aw = A @ Cs if C is not None else A
-        U, S, Vh = torch.linalg.svd(Aw, full_matrices=False)
+        key = (g, tuple(reps))
+        if cache is not None and key in cache:
+            U, S, Vh = cache[key]
+        else:
+            A = torch.cat([Wo[:, g, h] @ Wv[g] for h in reps], dim=0)  # (len(reps)*hidden, hidden)
+            Aw = A @ Cs if C is not None else A
+            U, S, Vh = torch.linalg.svd(Aw, full_matrices=False)
+            if cache is not None:
+                cache[key] = (U, S, Vh)
         k = min(v_new, S.numel())
         V_new = Vh[:k] @ Cis if C is not None else Vh[:k]  # (k, hidden)
         O_new = (U[:, :k] * S[:k]).view(len(reps), hidden, k)
@@ -125,6 +143,59 @@ class LayerPlan:
 
 
 @torch.no_grad()
+def reduce_layer(attn, C: torch.Tensor | None, lp: LayerPlan, head_dim: int, n_kv0: int, n_rep0: int,
+                 layer_idx: int = 0, cache: dict | None = None) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    """One layer's reduced head spec and its (W_Q, W_K, W_V, W_O) from the teacher attention `attn`."""
+    hd = head_dim
+    if lp.qk_dim % 2 or not 2 <= lp.qk_dim <= hd or not 1 <= lp.v_dim <= hd:
+        raise ValueError(f"layer {layer_idx}: qk_dim must be even in [2, {hd}] and v_dim in [1, {hd}]; got "
+                         f"qk_dim={lp.qk_dim}, v_dim={lp.v_dim}")
+    keep_kv = list(range(n_kv0)) if lp.keep_kv is None else list(lp.keep_kv)
+    keep_rep = [list(range(n_rep0))] * len(keep_kv) if lp.keep_rep is None else [list(r) for r in lp.keep_rep]
+    if not keep_kv or len(keep_rep) != len(keep_kv) or len({len(r) for r in keep_rep}) != 1 or not keep_rep[0]:
+        raise ValueError(f"layer {layer_idx}: keep at least one kv head, and the same number (>= 1) of query heads "
+                         f"in every kept group; got keep_kv={keep_kv}, keep_rep={keep_rep}")
+    n_rep = len(keep_rep[0])
+    imp = pair_importance(attn, C, n_kv0, n_rep0, hd)
+    pairs = [sorted(torch.topk(imp[g], lp.qk_dim // 2).indices.tolist()) for g in keep_kv]
+    Wq = attn.q_proj.weight.view(n_kv0, n_rep0, hd, -1)
+    Wk = attn.k_proj.weight.view(n_kv0, hd, -1)
+    q_rows, k_rows = [], []
+    for j, (g, ps) in enumerate(zip(keep_kv, pairs)):
+        idx = torch.tensor(ps + [p + hd // 2 for p in ps])
+        k_rows.append(Wk[g, idx])
+        q_rows += [Wq[g, h, idx] for h in keep_rep[j]]
+    reps_all = [keep_rep[keep_kv.index(g)] if g in keep_kv else list(range(n_rep0)) for g in range(n_kv0)]
+    vs, os_ = value_output_svd(attn, C, n_kv0, n_rep0, hd, lp.v_dim, keep_rep=reps_all, cache=cache)
+    v_rows = torch.cat([vs[g] for g in keep_kv]).float()
+    o_cols = torch.cat([os_[g][j] for g in keep_kv for j in range(n_rep)], dim=1).float()
+    spec = {"n_kv_heads": len(keep_kv), "n_rep": n_rep, "qk_dim": lp.qk_dim, "v_dim": lp.v_dim,
+            "rope_pairs": pairs, "scale": attn.scaling}
+    return spec, (torch.cat(q_rows).float(), torch.cat(k_rows).float(), v_rows, o_cols)
+
+
+def reduced_attention(spec: dict, weights, X: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      head_dim: int) -> torch.Tensor:
+    """Functional forward of a reduced layer (causal, no cache): X (B, T, hidden) -> attention output."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    Wq, Wk, Wv, Wo = weights
+    B, T, _ = X.shape
+    g, r, k, v = spec["n_kv_heads"], spec["n_rep"], spec["qk_dim"], spec["v_dim"]
+    pairs = torch.tensor(spec["rope_pairs"], dtype=torch.long)
+    idx = torch.cat([pairs, pairs + head_dim // 2], dim=1)  # (g, k)
+    q = (X @ Wq.T).view(B, T, g * r, k).transpose(1, 2)
+    kk = (X @ Wk.T).view(B, T, g, k).transpose(1, 2)
+    vv = (X @ Wv.T).view(B, T, g, v).transpose(1, 2)
+    ck, sk = cos[:, :, idx].transpose(1, 2), sin[:, :, idx].transpose(1, 2)
+    cq, sq = ck.repeat_interleave(r, 1), sk.repeat_interleave(r, 1)
+    q, kk = q * cq + rotate_half(q) * sq, kk * ck + rotate_half(kk) * sk
+    kk, vv = kk.repeat_interleave(r, 1), vv.repeat_interleave(r, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=spec["scale"])
+    return o.transpose(1, 2).reshape(B, T, g * r * v) @ Wo.T
+
+
+@torch.no_grad()
 def compress_llama(model: LlamaForCausalLM, plan: list[LayerPlan], covariances: list[torch.Tensor] | None = None,
                    plan_info: dict | None = None) -> HeadallocLlamaForCausalLM:
     """A HeadallocLlamaForCausalLM whose attention follows `plan`, initialised from `model`.
@@ -140,37 +211,17 @@ def compress_llama(model: LlamaForCausalLM, plan: list[LayerPlan], covariances: 
         raise ValueError(f"plan has {len(plan)} layers; the model has {cfg.num_hidden_layers}")
     attn_layers, new_weights = [], []
     for i, (layer, lp) in enumerate(zip(model.model.layers, plan)):
-        if lp.qk_dim % 2 or not 2 <= lp.qk_dim <= hd or not 1 <= lp.v_dim <= hd:
-            raise ValueError(f"layer {i}: qk_dim must be even in [2, {hd}] and v_dim in [1, {hd}]; got "
-                             f"qk_dim={lp.qk_dim}, v_dim={lp.v_dim}")
-        attn = layer.self_attn
-        C = None if covariances is None else covariances[i]
-        keep_kv = list(range(n_kv0)) if lp.keep_kv is None else list(lp.keep_kv)
-        keep_rep = [list(range(n_rep0))] * len(keep_kv) if lp.keep_rep is None else [list(r) for r in lp.keep_rep]
-        if not keep_kv or len({len(r) for r in keep_rep}) != 1 or not keep_rep[0]:
-            raise ValueError(f"layer {i}: keep at least one kv head, and the same number (>= 1) of query heads "
-                             f"in every kept group; got keep_kv={keep_kv}, keep_rep={keep_rep}")
-        n_rep = len(keep_rep[0])
-        imp = pair_importance(attn, C, n_kv0, n_rep0, hd)
-        pairs = [sorted(torch.topk(imp[g], lp.qk_dim // 2).indices.tolist()) for g in keep_kv]
-        Wq = attn.q_proj.weight.view(n_kv0, n_rep0, hd, -1)
-        Wk = attn.k_proj.weight.view(n_kv0, hd, -1)
-        q_rows, k_rows = [], []
-        for g, ps in zip(keep_kv, pairs):
-            idx = torch.tensor(ps + [p + hd // 2 for p in ps])
-            k_rows.append(Wk[g, idx])
-            for h in keep_rep[keep_kv.index(g)]:
-                q_rows.append(Wq[g, h, idx])
-        sub_reps = [[r for r in keep_rep[j]] for j in range(len(keep_kv))]
-        # value SVD over the kept query heads of each kept group
-        vs, os_ = value_output_svd(attn, C, n_kv0, n_rep0, hd, lp.v_dim,
-                                   keep_rep=[sub_reps[keep_kv.index(g)] if g in keep_kv else list(range(n_rep0))
-                                             for g in range(n_kv0)])
-        v_rows = torch.cat([vs[g] for g in keep_kv]).float()
-        o_cols = torch.cat([os_[g][j] for g in keep_kv for j in range(n_rep)], dim=1).float()
-        attn_layers.append({"n_kv_heads": len(keep_kv), "n_rep": n_rep, "qk_dim": lp.qk_dim, "v_dim": lp.v_dim,
-                            "rope_pairs": pairs, "scale": attn.scaling})
-        new_weights.append((torch.cat(q_rows), torch.cat(k_rows), v_rows, o_cols))
+        spec, w = reduce_layer(layer.self_attn, None if covariances is None else covariances[i], lp, hd, n_kv0,
+                               n_rep0, i)
+        attn_layers.append(spec)
+        new_weights.append(w)
+    return build_student(model, attn_layers, new_weights, plan_info)
+
+
+@torch.no_grad()
+def build_student(model, attn_layers: list[dict], weights: list, plan_info: dict | None = None):
+    """Assemble a HeadallocLlamaForCausalLM from per-layer specs and attention weights; the rest is the teacher's."""
+    cfg = model.config
     new_cfg = HeadallocLlamaConfig(**{k: v for k, v in cfg.to_dict().items()
                                       if k not in ("model_type", "architectures", "transformers_version",
                                                    "attn_layers", "headalloc_plan")},
@@ -178,9 +229,9 @@ def compress_llama(model: LlamaForCausalLM, plan: list[LayerPlan], covariances: 
     new_cfg.architectures = ["HeadallocLlamaForCausalLM"]
     student = HeadallocLlamaForCausalLM(new_cfg)
     sd = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
-    missing, unexpected = student.load_state_dict(sd, strict=False)
+    _, unexpected = student.load_state_dict(sd, strict=False)
     assert not unexpected, unexpected
-    for layer, (q, k, v, o) in zip(student.model.layers, new_weights):
+    for layer, (q, k, v, o) in zip(student.model.layers, weights):
         layer.self_attn.q_proj.weight.copy_(q)
         layer.self_attn.k_proj.weight.copy_(k)
         layer.self_attn.v_proj.weight.copy_(v)

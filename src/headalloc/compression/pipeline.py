@@ -1,0 +1,103 @@
+"""`headalloc compress`: plan, reduce, distil, evaluate and save, in one call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from headalloc.compression.strategies import check_budget
+
+
+@dataclass
+class CompressConfig:
+    model: str = "smollm2"
+    corpus: str = "wiki"
+    budget: float = 0.5
+    strategy: str = "measured"
+    budget_kind: str = "params"  # "params" (attention parameters) or "kv" (KV-cache bytes per token)
+    step: int = 8  # width grid
+    calib_windows: int = 16
+    calib_length: int = 256
+    distill_steps: int = 100  # per layer, same for every strategy
+    distill_lr: float = 5e-4
+    eval_windows: int = 16
+    eval_length: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256)
+
+
+def calibration(model, tok, cfg: CompressConfig) -> dict:
+    from headalloc.assets import token_windows
+    from headalloc.compression.llama import collect_layer_inputs
+
+    w = token_windows(tok, cfg.corpus, "train", cfg.calib_length, cfg.calib_windows, seed=cfg.seed)
+    return collect_layer_inputs(model, w, keep=True)
+
+
+def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
+    from headalloc.assets import token_windows
+
+    # validation split only: never used for calibration or distillation
+    return token_windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, seed=cfg.seed + 1)
+
+
+def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = None, progress: bool = True) -> dict:
+    """Compress per `cfg`; returns the student (before and after distillation) and a record."""
+    from headalloc.assets import load_model
+    from headalloc.compression.distill import distill_layerwise
+    from headalloc.compression.llama import check_llama, compress_llama
+    from headalloc.compression.strategies import make_plan
+
+    check_budget(cfg.budget, cfg.strategy, cfg.budget_kind)
+    if teacher is None:
+        teacher, tok = load_model(cfg.model)
+    check_llama(teacher)
+    t0 = time.time()
+    if data is None:
+        data = calibration(teacher, tok, cfg)
+    plan, info = make_plan(teacher, cfg.strategy, cfg.budget, data, cfg.budget_kind, cfg.step, progress)
+    plan_info = {"strategy": cfg.strategy, "budget": cfg.budget, "budget_kind": cfg.budget_kind,
+                 "layers": [lp.to_dict() for lp in plan]}
+    student = compress_llama(teacher, plan, data["cov"], plan_info)
+    t_plan = time.time() - t0
+    before = {k: [p.detach().clone() for p in student.model.layers[0].self_attn.parameters()] for k in ()}
+    del before
+    import copy
+
+    undistilled = copy.deepcopy(student)
+    t1 = time.time()
+    dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress)
+    return {"student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
+            "plan_info": {**plan_info, **{k: v for k, v in info.items() if k != "head_energy"}},
+            "distill": dist, "seconds_plan": t_plan, "seconds_distill": time.time() - t1}
+
+
+def save_model(model, tok, out: Path, extra: dict | None = None) -> Path:
+    """save_pretrained into a temporary folder, then rename: the folder is complete or absent."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        if extra:
+            (tmp / "headalloc.json").write_text(json.dumps(extra, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, counts, KV-cache bytes, FLOPs and measured speed."""

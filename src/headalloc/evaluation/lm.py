@@ -1,0 +1,114 @@
+"""Evaluation of (compressed) causal LMs: held-out perplexity, parameter counts, KV-cache bytes,
+FLOPs per token, and measured prefill/decode speed against a reference model in one run."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from headalloc.compression.hf_model import identity_attn_layers
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> dict:
+    """exp(mean next-token NLL) over every predicted token of the windows (each scored independently)."""
+    nll, n = 0.0, 0
+    for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        logits = model(input_ids=w[None]).logits[0, :-1].double()
+        nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        n += w.numel() - 1
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+
+
+def attn_layers_of(model) -> list[dict]:
+    a = getattr(model.config, "attn_layers", None)
+    return a if a else identity_attn_layers(model.config)
+
+
+def counts(model, context: int = 1024) -> dict:
+    """Parameters, KV-cache bytes per token (model dtype and fp16) and FLOPs per token at `context`."""
+    hidden = model.config.hidden_size
+    layers = attn_layers_of(model)
+    attn_p = 0
+    attn_ctx = 0
+    kv = 0
+    for a in layers:
+        nq = a["n_kv_heads"] * a["n_rep"]
+        attn_p += hidden * (nq * a["qk_dim"] + a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])) + nq * a["v_dim"] * hidden
+        attn_ctx += 2 * nq * (a["qk_dim"] + a["v_dim"])  # per key: scores and mixing
+        kv += a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.model.embed_tokens.weight.numel()
+    lm_head = model.lm_head.weight.numel()
+    matmul_params = total - emb + (lm_head if model.config.tie_word_embeddings else 0)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    dense = 2 * (matmul_params - norms)
+    elt = next(model.parameters()).element_size()
+    return {
+        "params_total": total,
+        "params_attention": attn_p,
+        "kv_bytes_per_token": kv * elt,
+        "kv_bytes_per_token_fp16": kv * 2,
+        "attention_flops_per_token": 2 * attn_p + attn_ctx * context,
+        "decode_flops_per_token": dense + attn_ctx * context,  # one new token attending to `context` keys
+        "prefill_flops_per_token": dense + attn_ctx * (context + 1) / 2,
+        "context": context,
+    }
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor) -> float:
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def _decode(model, ids: torch.Tensor, new_tokens: int) -> float:
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t
+
+
+def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,
+          progress: bool = True) -> dict:
+    """Prefill and decode tokens/s for each model at each context, interleaved so noise hits all alike."""
+    res = {name: {} for name in models}
+    for c in contexts:
+        if ids.shape[1] < c:
+            raise ValueError(f"speed test needs {c} tokens of text; got {ids.shape[1]}")
+        x = ids[:, :c]
+        best = {name: [float("inf"), float("inf")] for name in models}
+        for _ in tqdm(range(repeats), desc=f"speed at context {c}", disable=not progress, leave=False):
+            for name, m in models.items():
+                best[name][0] = min(best[name][0], _prefill(m, x))
+                best[name][1] = min(best[name][1], _decode(m, x, new_tokens))
+        for name in models:
+            res[name][str(c)] = {"prefill_tok_s": c / best[name][0], "decode_tok_s": new_tokens / best[name][1]}
+    return res
+
+
+def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,
+            progress: bool = True) -> dict:
+    """Measured and FLOP-predicted speed-ups of `model` over `reference`, side by side."""
+    sp = speed({"reference": reference, "model": model}, ids, contexts, new_tokens, repeats, progress)
+    out = {}
+    for c in contexts:
+        cr, cm = counts(reference, c), counts(model, c)
+        r, m = sp["reference"][str(c)], sp["model"][str(c)]
+        pred_dec = cr["decode_flops_per_token"] / cm["decode_flops_per_token"]
+        pred_pre = cr["prefill_flops_per_token"] / cm["prefill_flops_per_token"]
+        meas_dec = m["decode_tok_s"] / r["decode_tok_s"]
+        meas_pre = m["prefill_tok_s"] / r["prefill_tok_s"]
+        out[str(c)] = {"reference": r, "model": m,
+                       "decode_speedup_measured": meas_dec, "decode_speedup_predicted": pred_dec,
+                       "decode_fraction_of_predicted": (meas_dec - 1) / (pred_dec - 1) if pred_dec > 1 else None,
+                       "prefill_speedup_measured": meas_pre, "prefill_speedup_predicted": pred_pre}
+    return out
