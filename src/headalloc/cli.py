@@ -208,6 +208,85 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compress / evaluate
+def _check_family(name: str) -> None:
+    """Fail before any work when the model family cannot be compressed."""
+    from transformers import AutoConfig
+
+    from headalloc.assets.models import resolve_model
+
+    path = resolve_model(name)
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    if cfg.model_type not in ("llama", "headalloc_llama"):
+        raise ValueError(f"model {name!r} is of type {cfg.model_type!r}; `headalloc compress` handles LLaMA-family "
+                         f"decoders (rotary, grouped-query). For BERT/GPT-2 heads use "
+                         f"headalloc.compression.single_head (plain SVD path).")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from headalloc.compression.pipeline import QUICK, CompressConfig, compress, eval_windows, save_model
+    from headalloc.compression.strategies import check_budget
+    from headalloc.evaluation.lm import counts, perplexity
+    from headalloc.io import atomic_write_json
+    from headalloc.reports.figures import plot_plans
+
+    check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
+    _check_family(args.model)
+    kw = dict(QUICK) if args.quick else {}
+    for k in ("calib_windows", "calib_length", "distill_steps", "eval_windows", "eval_length"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
+                         budget_kind=args.budget_kind, seed=args.seed, **kw)
+    r = compress(cfg)
+    ev = eval_windows(r["tokenizer"], cfg)
+    res = {"config": cfg.to_dict(), "plan": r["plan_info"], "distill": r["distill"],
+           "teacher": {**perplexity(r["teacher"], ev, desc="original ppl"), **counts(r["teacher"])},
+           "before_distill": perplexity(r["undistilled"], ev, desc="compressed ppl (before distillation)"),
+           "after_distill": {**perplexity(r["student"], ev, desc="compressed ppl"), **counts(r["student"])},
+           "seconds_plan": r["seconds_plan"], "seconds_distill": r["seconds_distill"]}
+    out = Path(args.out)
+    save_model(r["student"], r["tokenizer"], out, extra=res)
+    atomic_write_json(out / "headalloc.json", res)
+    rec = {"cells": {"x": {"budget": cfg.budget, "strategy": cfg.strategy, "plan": r["plan_info"]["layers"]}}}
+    plot_plans(rec, out / "plan.png")
+    t, a = res["teacher"], res["after_distill"]
+    print(f"saved {out} (loads with AutoModelForCausalLM.from_pretrained after `import headalloc`)")
+    print(f"perplexity: original {t['ppl']:.2f}, compressed {res['before_distill']['ppl']:.2f} -> "
+          f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
+    print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
+          f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from headalloc.assets import load_model, token_windows
+    from headalloc.evaluation.lm import compare, counts, perplexity
+    from headalloc.io import atomic_write_json
+
+    model, tok = load_model(args.model)
+    ev = token_windows(tok, args.corpus, "validation", args.length, args.windows, seed=args.seed + 1)
+    res = {"model": str(args.model), "perplexity": perplexity(model, ev), **counts(model, args.length),
+           "eval": {"corpus": args.corpus, "split": "validation", "windows": args.windows, "length": args.length}}
+    print(f"{args.model}: perplexity {res['perplexity']['ppl']:.2f} on {args.windows} validation windows of "
+          f"{args.length} tokens; attention params {res['params_attention']:,}; KV cache "
+          f"{res['kv_bytes_per_token']} bytes/token")
+    if args.reference:
+        ref, _ = load_model(args.reference)
+        res["reference"] = {"model": args.reference, "perplexity": perplexity(ref, ev), **counts(ref, args.length)}
+        long = token_windows(tok, args.corpus, "validation", max(args.contexts), 1, seed=args.seed)
+        res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats)
+        print(f"reference {args.reference}: perplexity {res['reference']['perplexity']['ppl']:.2f}")
+        for c, v in res["speed"].items():
+            print(f"context {c}: decode {v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s "
+                  f"(speed-up {v['decode_speedup_measured']:.2f}x measured, {v['decode_speedup_predicted']:.2f}x "
+                  f"by FLOPs); prefill {v['model']['prefill_tok_s']:.0f} vs {v['reference']['prefill_tok_s']:.0f} "
+                  f"tok/s ({v['prefill_speedup_measured']:.2f}x measured, {v['prefill_speedup_predicted']:.2f}x by FLOPs)")
+    if args.out:
+        atomic_write_json(args.out, res)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headalloc", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -273,6 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("compress", help="compress a LLaMA-family model's attention to a budget, distil, save")
+    p.add_argument("--model", default="smollm2", help="smollm2 or a LLaMA-family Hugging Face directory")
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--budget", type=float, default=0.5, help="fraction in (0, 1] of attention params (or KV bytes)")
+    p.add_argument("--strategy", default="measured", help="uniform, depth, measured or prune-heads")
+    p.add_argument("--budget-kind", default="params", choices=["params", "kv"],
+                   help="what the budget counts: attention parameters or KV-cache bytes per token")
+    p.add_argument("--out", default="results/compressed", help="folder for the saved model")
+    p.add_argument("--quick", action="store_true", help="smaller calibration, distillation and evaluation")
+    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--calib-length", type=int, default=None)
+    p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--eval-length", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_compress)
+
+    p = sub.add_parser("evaluate", help="perplexity, counts, KV bytes, FLOPs and speed against a reference")
+    p.add_argument("--model", required=True, help="a saved (compressed) model directory or a name")
+    p.add_argument("--reference", default=None, help="model to compare speed with, e.g. smollm2")
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--contexts", type=_ints, default=[1024, 4096])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results here (JSON)")
+    p.set_defaults(fn=cmd_evaluate)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

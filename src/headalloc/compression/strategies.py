@@ -179,6 +179,21 @@ def measured_plan(model, data: dict, budget: float, kind: str = "params", step: 
     dims = grid(hd, step)
     if "grads" not in data:
         data["grads"] = attention_output_grads(model, data)
+    cached = data.get("_measured_errors")
+    if cached is not None and cached[0] == dims:  # the measurement does not depend on the budget
+        e_qk, e_v = cached[1], cached[2]
+    else:
+        e_qk, e_v = _measure_widths(model, data, dims, progress)
+        data["_measured_errors"] = (dims, e_qk, e_v)
+    return _measured_choice(cfg, dims, e_qk, e_v, budget, kind)
+
+
+def _measure_widths(model, data, dims, progress):
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    hd, L = head_dim_of(cfg), cfg.num_hidden_layers
+    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     e_qk = np.zeros((L, len(dims)))
     e_v = np.zeros((L, len(dims)))
     for l in tqdm(range(L), desc="measuring layer errors", disable=not progress):
@@ -191,6 +206,12 @@ def measured_plan(model, data: dict, budget: float, kind: str = "params", step: 
                 e_v[l, j] = _layer_error(model, l, data, reduce_layer(attn, C, LayerPlan(hd, d), hd, g, r, l,
                                                                       svd_cache), hd)
         data.get("_teacher_out", {}).pop(l, None)
+    return e_qk, e_v
+
+
+def _measured_choice(cfg, dims, e_qk, e_v, budget, kind):
+    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
+    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     options, labels = [], []
     for l in range(L):
         opts, labs = [], []
@@ -239,6 +260,23 @@ def prune_plan(model, data: dict, budget: float, kind: str = "params", progress:
     cfg = model.config
     hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
     g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    if f"_prune_options_{kind}" in data:
+        options, plans, energy = data[f"_prune_options_{kind}"]
+    else:
+        options, plans, energy = _measure_pruning(model, data, kind, progress)
+        data[f"_prune_options_{kind}"] = (options, plans, energy)
+    full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
+    picks = knapsack(options, int(budget * full + 1e-6))
+    return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
+
+
+@torch.no_grad()
+def _measure_pruning(model, data, kind, progress):
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
+    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     if "grads" not in data:
         data["grads"] = attention_output_grads(model, data)
     energy = head_energy(model, data)
@@ -259,9 +297,7 @@ def prune_plan(model, data: dict, budget: float, kind: str = "params", progress:
         options.append(opts)
         plans.append(ps)
         data.get("_teacher_out", {}).pop(l, None)
-    full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
-    picks = knapsack(options, int(budget * full + 1e-6))
-    return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
+    return options, plans, energy
 
 
 def make_plan(model, strategy: str, budget: float, data: dict | None, kind: str = "params", step: int = 8,

@@ -87,6 +87,7 @@ class SeqModel(nn.Module):
         d = cfg.d_model
         if cfg.vocab_size is not None:
             self.embed = nn.Embedding(cfg.vocab_size, d)
+            nn.init.normal_(self.embed.weight, std=0.02)  # GPT-style: keeps tied logits small at init
         elif cfg.input_mlp_hidden:
             self.embed = nn.Sequential(nn.Linear(cfg.input_dim, cfg.input_mlp_hidden), nn.ReLU(),
                                        nn.Linear(cfg.input_mlp_hidden, d))

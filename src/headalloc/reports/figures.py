@@ -183,3 +183,64 @@ def plot_single_head(rec: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     paths.append(save_figure(fig, out / "score_error_vs_L.png"))
     return paths
+
+
+def plot_compression(rec: dict, path: Path) -> Path:
+    """Perplexity against budget, one line per strategy, before (dashed) and after (solid) distillation."""
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    strategies = sorted({c["strategy"] for c in rec["cells"].values()})
+    t = rec["teacher"]["ppl"]
+    for i, s in enumerate(strategies):
+        cells = sorted([c for c in rec["cells"].values() if c["strategy"] == s], key=lambda c: c["budget"])
+        b = [c["budget"] for c in cells] + [1.0]
+        ax.plot(b, [c["after"]["ppl"] for c in cells] + [t], "-o", color=f"C{i}", label=f"{s} (distilled)")
+        ax.plot(b, [c["before"]["ppl"] for c in cells] + [t], "--", color=f"C{i}", alpha=0.6)
+    ax.axhline(t, color="k", lw=0.8, label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention-parameter budget (fraction of original)")
+    ax.set_ylabel("held-out perplexity (dashed: before distillation)")
+    ax.set_title("SmolLM2-135M: compression strategies")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_plans(rec: dict, path: Path) -> Path:
+    """Kept qk and v width per layer for each strategy at budget 0.5 (or the first budget)."""
+    budgets = sorted({c["budget"] for c in rec["cells"].values()})
+    b = 0.5 if 0.5 in budgets else budgets[0]
+    cells = [c for c in rec["cells"].values() if c["budget"] == b]
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 4.2), squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], sorted(cells, key=lambda c: c["strategy"])):
+        layers = c["plan"]
+        L = range(len(layers))
+        heads = [(len(l["keep_kv"]) if l["keep_kv"] else 3) * (len(l["keep_rep"][0]) if l["keep_rep"] else 3)
+                 for l in layers]
+        ax.barh(L, [l["qk_dim"] * h / 9 for l, h in zip(layers, heads)], height=0.4, label="qk width x heads/9")
+        ax.barh([x + 0.4 for x in L], [l["v_dim"] * h / 9 for l, h in zip(layers, heads)], height=0.4,
+                label="v width x heads/9")
+        ax.axvline(64, color="k", lw=0.8)
+        ax.set_title(c["strategy"])
+        ax.set_xlabel("kept (original 64)")
+        ax.invert_yaxis()
+    axes[0][0].set_ylabel("layer")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Plans at budget {b} (bars: per-layer attention width; line: original)")
+    return save_figure(fig, path)
+
+
+def plot_lm_curves(rec: dict, path: Path) -> Path:
+    """Validation loss against training tokens, per schedule (mean over seeds, band = min..max)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    for i, (name, s) in enumerate(rec["summary"].items()):
+        tokens = [p["tokens"] for p in s["curves"][0]]
+        vals = np.array([[p["val_loss"] for p in c] for c in s["curves"]])
+        ax.plot(tokens, vals.mean(0), color=f"C{i}", label=f"{name} ({s['attention_params']:,} attn params)")
+        if len(vals) > 1:
+            ax.fill_between(tokens, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Per-layer allocation at equal attention budget")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -32,3 +32,64 @@ def run_synthetic(config: dict, progress: bool = False) -> dict:
     out.update(n_params=model.n_params(), attention_params=model.attention_params(),
                attention_flops_per_token=model.attention_flops_per_token(T + int(model.cfg.cls_token)))
     return out
+
+
+def run_lm(config: dict, progress: bool = False) -> dict:
+    """Train a small causal LM on real text. config = {"corpus", "vocab_size", "model": {SeqModelConfig
+    fields without vocab}, "train": {"steps", "batch_size", "seq_len", "lr", "warmup", "eval_every",
+    "eval_windows", "seed"}}. Returns the validation loss curve against training tokens."""
+    import math
+    import time
+
+    import torch.nn.functional as F
+
+    from headalloc.tasks.lm import fixed_windows, random_windows, token_stream, train_tokenizer
+    from headalloc.training.trainer import NonFiniteLossError
+
+    torch.set_num_threads(int(config.get("threads", 1)))
+    tr = config["train"]
+    tok = train_tokenizer(config.get("corpus", "wiki"), config.get("vocab_size", 2048))
+    train_ids = token_stream(tok, config.get("corpus", "wiki"), "train")
+    val = fixed_windows(token_stream(tok, config.get("corpus", "wiki"), "validation"), tr["seq_len"],
+                        tr.get("eval_windows", 64))
+    torch.manual_seed(tr["seed"])
+    mcfg = dict(config["model"], vocab_size=tok.get_vocab_size(), output_dim=tok.get_vocab_size(),
+                max_len=tr["seq_len"], causal=True)
+    model = SeqModel(SeqModelConfig(**mcfg))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr.get("weight_decay", 0.1)},
+                             {"params": other, "weight_decay": 0.0}], lr=tr["lr"], betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(tr["seed"])
+
+    @torch.no_grad()
+    def val_loss() -> float:
+        model.eval()
+        tot = sum(F.cross_entropy(model(w[None, :-1])[0], w[1:], reduction="sum").item() for w in val)
+        model.train()
+        return tot / (val.shape[0] * tr["seq_len"])
+
+    curve, t0 = [], time.time()
+    tokens_per_step = tr["batch_size"] * tr["seq_len"]
+    for step in range(tr["steps"]):
+        lr = tr["lr"] * min(1.0, (step + 1) / tr["warmup"]) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / tr["steps"]))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        b = random_windows(train_ids, tr["seq_len"], tr["batch_size"], g)
+        logits = model(b[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; lower lr (now {tr['lr']})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % tr["eval_every"] == 0 or step + 1 == tr["steps"]:
+            curve.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "val_loss": val_loss(),
+                          "train_loss": loss.item()})
+    return {"val_loss": curve[-1]["val_loss"], "val_ppl": math.exp(curve[-1]["val_loss"]), "curve": curve,
+            "n_params": model.n_params(), "attention_params": model.attention_params(),
+            "attention_flops_per_token": model.attention_flops_per_token(tr["seq_len"]),
+            "vocab_size": tok.get_vocab_size(), "train_tokens_available": len(train_ids),
+            "seconds": time.time() - t0}

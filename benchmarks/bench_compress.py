@@ -1,0 +1,54 @@
+"""Benchmark: whole-model compression of SmolLM2 at one budget (issue targets at budget 0.5).
+
+Prints, from one run: held-out perplexity of every strategy after the same distillation (ratio to
+the original), the KV cache of the `measured` model relative to the original, and decode/prefill
+speed of the `measured` model against the original at 1024 and 4096 tokens of context, measured
+side by side (interleaved) next to the speed-up its FLOP count predicts.
+
+    .venv/bin/python benchmarks/bench_compress.py            # quick settings (about 10 minutes)
+    .venv/bin/python benchmarks/bench_compress.py --full     # the settings of `reproduce` (full)
+"""
+
+import argparse
+import time
+
+from headalloc.assets import load_model, token_windows
+from headalloc.compression.pipeline import QUICK, CompressConfig, calibration, compress, eval_windows
+from headalloc.evaluation.lm import compare, counts, perplexity
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    a = ap.parse_args()
+    kw = {} if a.full else dict(QUICK)
+    teacher, tok = load_model("smollm2")
+    cfg = CompressConfig(budget=a.budget, **kw)
+    data = calibration(teacher, tok, cfg)
+    ev = eval_windows(tok, cfg)
+    t_ppl = perplexity(teacher, ev, progress=False)["ppl"]
+    print(f"original perplexity {t_ppl:.2f} ({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
+          f"distillation: {cfg.distill_steps} Adam steps per layer on {cfg.calib_windows} calibration windows of "
+          f"{cfg.calib_length}, identical for every strategy")
+    models = {}
+    for strat in ("uniform", "depth", "prune-heads", "measured"):
+        t0 = time.time()
+        r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False)
+        p = perplexity(r["student"], ev, progress=False)["ppl"]
+        models[strat] = r["student"]
+        print(f"  {strat:12s} ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   [{time.time() - t0:.0f} s incl. planning]")
+    m = models["measured"]
+    kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
+    print(f"measured: KV cache {kv:.3f}x of the original (target <= 0.55)")
+    long = token_windows(tok, "wiki", "validation", 4096, 1, seed=0)
+    for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=2, progress=False).items():
+        frac = v["decode_fraction_of_predicted"]
+        print(f"context {c}: decode speed-up measured {v['decode_speedup_measured']:.2f}x vs FLOP-predicted "
+              f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain {frac if frac is None else round(frac, 2)}; "
+              f"target >= 0.9); prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

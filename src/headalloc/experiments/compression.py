@@ -1,0 +1,96 @@
+"""Whole-model compression of SmolLM2 at several attention budgets, every strategy, before and after
+the same distillation, evaluated on held-out Wikipedia windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from headalloc.experiments.registry import Experiment, RunContext, register
+
+SETTINGS = {
+    "quick": dict(budgets=[0.5], calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256),
+    "full": dict(budgets=[0.75, 0.5, 0.25], calib_windows=16, calib_length=256, distill_steps=100, eval_windows=16,
+                 eval_length=512),
+}
+STRATS = ["uniform", "depth", "measured", "prune-heads"]
+
+
+def compute(ctx: RunContext) -> dict:
+    from headalloc.assets import load_model
+    from headalloc.compression.pipeline import CompressConfig, calibration, compress, eval_windows
+    from headalloc.evaluation.lm import counts, perplexity
+    from headalloc.io import atomic_write_json, read_json
+
+    s = SETTINGS[ctx.scale]
+    base = {k: v for k, v in s.items() if k != "budgets"}
+    teacher, tok = load_model("smollm2")
+    cfg0 = CompressConfig(seed=ctx.seed, **base)
+    ev = eval_windows(tok, cfg0)
+    partial_path = ctx.out_dir / "partial.json"  # finished (budget, strategy) cells survive an interruption
+    partial = read_json(partial_path) if partial_path.exists() and not ctx.force else {}
+    if "teacher" not in partial:
+        partial["teacher"] = {**perplexity(teacher, ev, desc="teacher ppl"), **counts(teacher)}
+        atomic_write_json(partial_path, partial)
+    data = None
+    for b in s["budgets"]:
+        for strat in STRATS:
+            key = f"{b}|{strat}"
+            if key in partial:
+                continue
+            if data is None:
+                data = calibration(teacher, tok, cfg0)
+            r = compress(CompressConfig(budget=b, strategy=strat, seed=ctx.seed, **base), teacher, tok, data)
+            partial[key] = {
+                "budget": b, "strategy": strat,
+                "before": perplexity(r["undistilled"], ev, desc=f"{strat} {b} before"),
+                "after": perplexity(r["student"], ev, desc=f"{strat} {b} after"),
+                "counts": counts(r["student"]),
+                "plan": r["plan_info"]["layers"],
+                "seconds_plan": r["seconds_plan"], "seconds_distill": r["seconds_distill"],
+                "distill": r["distill"],
+            }
+            atomic_write_json(partial_path, partial)
+    return {"config": {**s, "strategies": STRATS, "model": "smollm2",
+                       "fairness": "every strategy: the same calibration windows (wiki train split), the same "
+                                   "layer-local distillation (same steps per layer, lr, seed); evaluation on wiki "
+                                   "validation windows never used for fitting"},
+            "teacher": partial["teacher"], "cells": {k: v for k, v in partial.items() if k != "teacher"}}
+
+
+def table(rec: dict) -> list[dict]:
+    t = rec["teacher"]["ppl"]
+    rows = [{"quantity": "original perplexity", "paper": "", "measured": f"{t:.2f}", "match": None}]
+    for key, c in sorted(rec["cells"].items(), key=lambda kv: (-kv[1]["budget"], kv[1]["strategy"])):
+        rows.append({"quantity": f"budget {c['budget']}, {c['strategy']}: ppl before / after distillation",
+                     "paper": "", "measured": f"{c['before']['ppl']:.2f} / {c['after']['ppl']:.2f} "
+                                              f"({c['after']['ppl'] / t:.2f}x original)", "match": None})
+    half = {c["strategy"]: c for c in rec["cells"].values() if c["budget"] == 0.5}
+    if "measured" in half:
+        m = half["measured"]["after"]["ppl"]
+        rows.append({"quantity": "budget 0.5, measured: ppl <= 1.10x original", "paper": "target",
+                     "measured": f"{m / t:.2f}x", "match": m <= 1.10 * t})
+        others = {k: v["after"]["ppl"] for k, v in half.items() if k != "measured"}
+        rows.append({"quantity": "budget 0.5: measured beats uniform, depth, prune-heads", "paper": "target",
+                     "measured": ", ".join(f"{k} {v:.2f}" for k, v in others.items()) + f" vs {m:.2f}",
+                     "match": all(m < v for v in others.values())})
+        if "depth" in half and "uniform" in half:
+            d, u = half["depth"]["after"]["ppl"], half["uniform"]["after"]["ppl"]
+            rows.append({"quantity": "paper's depth principle vs uniform at 0.5", "paper": "depth better",
+                         "measured": f"depth {d:.2f} vs uniform {u:.2f}", "match": d < u})
+        kv = half["measured"]["counts"]["kv_bytes_per_token"] / rec["teacher"]["kv_bytes_per_token"]
+        rows.append({"quantity": "budget 0.5, measured: KV cache vs original", "paper": "target <= 0.55",
+                     "measured": f"{kv:.2f}", "match": kv <= 0.55})
+    return rows
+
+
+def plot(rec: dict, out: Path) -> list[Path]:
+    from headalloc.reports.figures import plot_compression, plot_plans
+
+    return [plot_compression(rec, out / "ppl_vs_budget.png"), plot_plans(rec, out / "plans.png")]
+
+
+register(Experiment(
+    name="compress_smollm2", title="Compressing SmolLM2's attention to a budget: where to cut",
+    description="Attention-parameter budgets, strategies uniform / depth (paper) / measured (ours) / prune-heads, "
+                "before and after the same layer-local distillation; held-out Wikipedia perplexity.",
+    compute=compute, plot=plot, table=table, order=50, tags=("compression",)))
