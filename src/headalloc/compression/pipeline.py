@@ -34,7 +34,7 @@ class CompressConfig:
         return dict(self.__dict__)
 
 
-QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256)
+QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16)
 
 
 def calibration(model, tok, cfg: CompressConfig) -> dict:

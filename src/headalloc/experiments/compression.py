@@ -8,7 +8,8 @@ from pathlib import Path
 from headalloc.experiments.registry import Experiment, RunContext, register
 
 SETTINGS = {
-    "quick": dict(budgets=[0.5], calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256),
+    "quick": dict(budgets=[0.5], calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256,
+                  step=16),
     "full": dict(budgets=[0.75, 0.5, 0.25], calib_windows=16, calib_length=256, distill_steps=100, eval_windows=16,
                  eval_length=512),
 }

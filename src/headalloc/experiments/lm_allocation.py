@@ -29,7 +29,7 @@ SCHEDULES = {
 SETTINGS = {
     "quick": dict(steps=300, seeds=[0], batch_size=16, seq_len=128, eval_every=100, eval_windows=32,
                   schedules=["uniform", "principle", "reverse"]),
-    "full": dict(steps=3000, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=250, eval_windows=128,
+    "full": dict(steps=2000, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=250, eval_windows=128,
                  schedules=list(SCHEDULES)),
 }
 
