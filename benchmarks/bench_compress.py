@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--speed-only", action="store_true", help="only the measured model: KV cache and speed")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
     teacher, tok = load_model("smollm2")
@@ -33,7 +34,7 @@ def main():
           f"distillation: {cfg.distill_steps} Adam steps per layer on {cfg.calib_windows} calibration windows of "
           f"{cfg.calib_length}, identical for every strategy")
     models = {}
-    for strat in ("uniform", "depth", "prune-heads", "measured"):
+    for strat in (("measured",) if a.speed_only else ("uniform", "depth", "prune-heads", "measured")):
         t0 = time.time()
         r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False)
         p = perplexity(r["student"], ev, progress=False)["ppl"]

@@ -110,10 +110,18 @@ class ReducedLlamaAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
+        # Fused SDPA kernels need equal query/key and value widths; with unequal widths PyTorch falls
+        # back to a math kernel that is several times slower. Zero-padding the narrower side to the
+        # wider one changes no logit (scale is explicit) and no output (padded value columns are cut).
+        d = max(self.qk_dim, self.v_dim)
+        if self.qk_dim < d:
+            q, k = nn.functional.pad(q, (0, d - self.qk_dim)), nn.functional.pad(k, (0, d - self.qk_dim))
+        elif self.v_dim < d:
+            v = nn.functional.pad(v, (0, d - self.v_dim))
         out, weights = attention_interface(self, q, k, v, attention_mask,
                                            dropout=0.0 if not self.training else self.attention_dropout,
                                            scaling=self.scaling, **kwargs)
-        out = out.reshape(B, T, self.n_q * self.v_dim).contiguous()
+        out = out[..., : self.v_dim].reshape(B, T, self.n_q * self.v_dim).contiguous()
         return self.o_proj(out), weights
 
 

@@ -60,26 +60,23 @@ def counts(model, context: int = 1024) -> dict:
 
 
 @torch.no_grad()
-def _prefill(model, ids: torch.Tensor) -> float:
+def _prefill_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds for a prefill of `ids` (building the KV cache) and for `new_tokens` greedy decode steps."""
     t = time.perf_counter()
-    model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return time.perf_counter() - t
-
-
-@torch.no_grad()
-def _decode(model, ids: torch.Tensor, new_tokens: int) -> float:
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    t_pre = time.perf_counter() - t
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     t = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - t
+    return t_pre, time.perf_counter() - t
 
 
 def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,
           progress: bool = True) -> dict:
-    """Prefill and decode tokens/s for each model at each context, interleaved so noise hits all alike."""
+    """Prefill and decode tokens/s for each model at each context, interleaved so noise hits all alike
+    (best of `repeats`)."""
     res = {name: {} for name in models}
     for c in contexts:
         if ids.shape[1] < c:
@@ -88,10 +85,12 @@ def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: in
         best = {name: [float("inf"), float("inf")] for name in models}
         for _ in tqdm(range(repeats), desc=f"speed at context {c}", disable=not progress, leave=False):
             for name, m in models.items():
-                best[name][0] = min(best[name][0], _prefill(m, x))
-                best[name][1] = min(best[name][1], _decode(m, x, new_tokens))
+                t_pre, t_dec = _prefill_decode(m, x, new_tokens)
+                best[name][0] = min(best[name][0], t_pre)
+                best[name][1] = min(best[name][1], t_dec)
         for name in models:
-            res[name][str(c)] = {"prefill_tok_s": c / best[name][0], "decode_tok_s": new_tokens / best[name][1]}
+            res[name][str(c)] = {"prefill_tok_s": c / best[name][0], "decode_tok_s": new_tokens / best[name][1],
+                                 "prefill_seconds": best[name][0]}
     return res
 
 

@@ -1,0 +1,45 @@
+"""Evaluation counts against what the model actually holds: parameters of the attention modules,
+bytes in the KV cache, and perplexity against a direct cross-entropy."""
+
+import math
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headalloc.compression.llama import LayerPlan, compress_llama
+from headalloc.evaluation.lm import counts, perplexity, speed
+
+
+def models():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=80, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    t = LlamaForCausalLM(cfg).eval()
+    return t, compress_llama(t, [LayerPlan(8, 4), LayerPlan(16, 8, keep_kv=[0])])
+
+
+def test_counts_match_the_model():
+    for m in models():
+        c = counts(m, context=10)
+        attn = sum(p.numel() for l in m.model.layers for p in l.self_attn.parameters())
+        assert c["params_attention"] == attn
+        ids = torch.randint(0, 80, (1, 10))
+        with torch.no_grad():
+            cache = m(ids, use_cache=True).past_key_values
+        held = sum(l.keys.numel() + l.values.numel() for l in cache.layers) * 4
+        assert c["kv_bytes_per_token"] * 10 == held
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy():
+    t, _ = models()
+    w = torch.randint(0, 80, (3, 12))
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(t(w).logits[:, :-1].reshape(-1, 80), w[:, 1:].reshape(-1))
+    assert math.isclose(perplexity(t, w, progress=False)["ppl"], math.exp(ce.item()), rel_tol=1e-5)
+
+
+def test_speed_runs_side_by_side():
+    t, s = models()
+    res = speed({"a": t, "b": s}, torch.randint(0, 80, (1, 64)), contexts=(32, 64), new_tokens=3, repeats=1,
+                progress=False)
+    assert set(res) == {"a", "b"} and all(res[m]["64"]["decode_tok_s"] > 0 for m in res)
