@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -254,11 +253,3 @@ def attention_params_of(attn_layers: list[dict], hidden: int) -> int:
         nq = a["n_kv_heads"] * a["n_rep"]
         total += hidden * (nq * a["qk_dim"] + a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])) + nq * a["v_dim"] * hidden
     return total
-
-
-def teacher_attn_layers(model) -> list[dict]:
-    return identity_attn_layers(model.config)
-
-
-def clone_model(model):
-    return copy.deepcopy(model)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,11 +72,7 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
                  "layers": [lp.to_dict() for lp in plan]}
     student = compress_llama(teacher, plan, data["cov"], plan_info)
     t_plan = time.time() - t0
-    before = {k: [p.detach().clone() for p in student.model.layers[0].self_attn.parameters()] for k in ()}
-    del before
-    import copy
-
-    undistilled = copy.deepcopy(student)
+    undistilled = copy.deepcopy(student)  # kept to report perplexity before distillation
     t1 = time.time()
     dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress)
     return {"student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,

@@ -13,7 +13,6 @@ Per (L, layer, head): mean and median of ||J||_2, mean largest probability, mean
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -171,7 +170,3 @@ def saturation_verdict(rec: dict) -> dict:
         "slope_max": float(np.nanmax(slopes)),
         "slope_median": float(np.nanmedian(slopes)),
     }
-
-
-def _isfinite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
