@@ -221,7 +221,7 @@ def plot_plans(rec: dict, path: Path) -> Path:
         ax.axvline(64, color="k", lw=0.8)
         ax.set_title(c["strategy"])
         ax.set_xlabel("kept (original 64)")
-        ax.invert_yaxis()
+    axes[0][0].invert_yaxis()  # shared y: invert once, layer 0 on top
     axes[0][0].set_ylabel("layer")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Plans at budget {b} (bars: per-layer attention width; line: original)")
