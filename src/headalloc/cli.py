@@ -47,14 +47,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 print(f"  {m:>3}  {h:>5}  {d:>8}  {h * d:>9}")
     if args.plot:
         from headalloc.reports.figures import plot_uniform_group_curve
-        from headalloc.theory import error_bound
+        from headalloc.theory import tradeoff_curve
 
         M = res.best.n_groups
         per_group = res.budget / M
         hs = [h for h in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if h <= per_group]
         rec = {"uniform_heads_per_group": hs,
-               "uniform_curve": [error_bound([(h, per_group / h)] * M, res.rho_norms, res.token_dim, res.B).to_dict()
-                                 for h in hs],
+               "uniform_curve": [b.to_dict() for b in tradeoff_curve(res.budget, res.token_dim, hs, res.rho_norms,
+                                                                      res.B, n_groups=M)],
                "solution": res.to_dict(), "config": {"budget": res.budget, "token_dim": res.token_dim}}
         path = plot_uniform_group_curve(rec, Path(args.plot))
         print(f"\nfigure: {path}", file=sys.stderr)
@@ -383,13 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results here (JSON)")
     p.set_defaults(fn=cmd_evaluate)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
     return ap
 
 
-# Later modules add subcommands here (train, sweep, saturation, compress, evaluate).
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

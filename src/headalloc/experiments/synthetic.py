@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from headalloc.experiments.registry import Experiment, RunContext, register
-from headalloc.theory import error_bound
+from headalloc.theory import tradeoff_curve
 
 RUN_FN = "headalloc.training.runs:run_synthetic"
 
@@ -59,7 +59,7 @@ def compute_fourgram(ctx: RunContext) -> dict:
         d["curves"].append([(h["step"], h["val_mse"]) for h in r["history"]])
     hs = sorted(by_h)
     val_mean = [float(np.mean(by_h[h]["val"])) for h in hs]
-    bound = [error_bound([(h, 64 / h)] * 4, [1.0] * 4, 8).total for h in hs]
+    bound = [b.total for b in tradeoff_curve(256, 8, hs, [1.0] * 4)]
     return {
         "config": {"settings": FOURGRAM_SETTINGS[ctx.scale], "example_run": configs[0],
                    "choices": "sinusoidal absolute positions added to a linear embedding 8->256, one causal "

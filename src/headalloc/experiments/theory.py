@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from headalloc.experiments.registry import Experiment, RunContext, register
-from headalloc.theory import allocate, error_bound
+from headalloc.theory import allocate, tradeoff_curve
 
 # SPEC.md section 1: E_128 reproduced analytically from the paper's figure.
 PAPER_E128 = {1: 1.326, 2: 0.663, 8: 0.166, 9: 0.481, 10: 0.580, 20: 0.841, 80: 0.965}
@@ -17,7 +17,7 @@ E128 = dict(budget=128, token_dim=16, rho=[1.0], B=1.0)
 def compute_e128(ctx: RunContext) -> dict:
     D, d = E128["budget"], E128["token_dim"]
     hs = list(range(1, D + 1))
-    parts = [error_bound([(h, D / h)], E128["rho"], d, E128["B"]) for h in hs]
+    parts = tradeoff_curve(D, d, hs, E128["rho"], E128["B"])
     totals = [p.total for p in parts]
     return {
         "config": {**E128, "heads": "1..128, head dim D/H (fractional)"},
@@ -56,7 +56,7 @@ def compute_fourgram(ctx: RunContext) -> dict:
     res = allocate(FOURGRAM["budget"], FOURGRAM["token_dim"], FOURGRAM["rho"], FOURGRAM["B"], top_k=5)
     # The uniform family of the paper's figure: 4 groups of H heads of dimension 64/H.
     hs = [1, 2, 4, 8, 16, 32, 64]
-    curve = [error_bound([(h, 64 / h)] * 4, FOURGRAM["rho"], FOURGRAM["token_dim"]).to_dict() for h in hs]
+    curve = [b.to_dict() for b in tradeoff_curve(FOURGRAM["budget"], FOURGRAM["token_dim"], hs, FOURGRAM["rho"])]
     return {"config": FOURGRAM, "solution": res.to_dict(), "uniform_heads_per_group": hs,
             "uniform_curve": curve}
 

@@ -313,8 +313,9 @@ def allocate(
 
 
 def tradeoff_curve(budget: float, token_dim: float, n_heads: Sequence[float], rho_norms: Sequence[float],
-                   B: float = 1.0) -> list[BoundParts]:
-    """Bound when every group has H heads of dimension budget/(M H) (the paper's E_D figure)."""
+                   B: float = 1.0, n_groups: int | None = None) -> list[BoundParts]:
+    """Bound when each of M groups has H heads of dimension budget/(M H) (the paper's E_D figure);
+    M = n_groups, or one group per lag weight."""
     rho = _check_rho(rho_norms)
-    M = rho.size
+    M = rho.size if n_groups is None else int(n_groups)
     return [error_bound([(h, budget / (M * h))] * M, rho, token_dim, B) for h in n_heads]
