@@ -61,3 +61,36 @@ def test_saturation_rejects_lengths_beyond_the_model(tiny_llama, tiny_tokenizer)
         measure_saturation(tiny_llama, tiny_tokenizer, "pydoc", [4, 256], n_windows=1, progress=False)
     with pytest.raises(ValueError, match=">= 2"):
         measure_saturation(tiny_llama, tiny_tokenizer, "pydoc", [1, 4], n_windows=1, progress=False)
+
+
+def test_seqmodel_saturation_matches_separate_windows_and_eigvalsh():
+    """Row L-1 of one long window = the last row of a window of exactly L (causality), and the
+    Jacobian norm equals the dense eigensolver's largest eigenvalue of diag(p) - p p^T."""
+    from headalloc.models import SeqModel, SeqModelConfig
+    from headalloc.probe.saturation import seqmodel_saturation
+
+    torch.manual_seed(0)
+    m = SeqModel(SeqModelConfig(d_model=32, layers=[[[2, 8, 8], [1, 16, 16]], [[4, 8, 8]]], vocab_size=40,
+                                causal=True, positions="rotary", layernorm=True, ffn_hidden=32, max_len=32))
+    x = torch.randint(0, 40, (3, 32))
+    lengths = [2, 5, 16, 32]
+    got = np.asarray(seqmodel_saturation(m, x, lengths)["norm_mean"])
+    ref = np.zeros_like(got)
+    for i, L in enumerate(lengths):
+        vals = {0: [], 1: []}
+        for li, block in enumerate(m.blocks):
+            def hook(gi, q, k, li=li):
+                logits = q[:, :, -1:].double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5
+                p = torch.softmax(logits, -1)[:, :, 0]  # (B, H, L): the last row sees all L keys
+                J = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+                vals[li].append(torch.linalg.eigvalsh(J)[..., -1].flatten())
+            block.attn.score_hook = hook
+        with torch.no_grad():
+            m.eval()(x[:, :L])
+        for block in m.blocks:
+            block.attn.score_hook = None
+        for li in vals:
+            ref[i, li] = torch.cat(vals[li]).mean().item()
+    np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="windows must be"):
+        seqmodel_saturation(m, x[:, :8], lengths)

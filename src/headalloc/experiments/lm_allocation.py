@@ -19,43 +19,119 @@ SCHEDULES = {
     "principle": [[(12, 16)], [(10, 16)], [(4, 32)], [(4, 32)], [(3, 32)], [(2, 32)]],
     # its reverse: the same widths, mirrored in depth (narrow-head style moved to the top)
     "reverse": [[(2, 32)], [(3, 32)], [(4, 32)], [(4, 32)], [(10, 16)], [(12, 16)]],
-    # measured: widths from the uniform model's softmax saturation would need a second stage; we use
-    # the fixed rule "more heads where attention is least saturated" read off the saturation probe of
-    # SmolLM2 (early layers fall with L, later do not): one layer of 8x16 at the bottom, rest uniform.
-    "early_heads": [[(8, 16)], [(4, 32)], [(4, 32)], [(4, 32)], [(4, 32)], [(4, 32)]],
+    # "measured" is not listed here: it is derived from the trained uniform model (see measured_schedule)
     # lower budget (576 = 0.75 x 768): does the principle hold uniform's quality with fewer parameters?
     "principle_low": [[(10, 16)], [(8, 16)], [(3, 32)], [(3, 32)], [(2, 32)], [(1, 32)]],
 }
 SETTINGS = {
     "quick": dict(steps=300, seeds=[0], batch_size=16, seq_len=128, eval_every=100, eval_windows=32,
-                  schedules=["uniform", "principle", "reverse"]),
-    "full": dict(steps=2000, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=250, eval_windows=128,
-                 schedules=list(SCHEDULES)),
+                  schedules=["uniform", "principle", "reverse", "measured"]),
+    "full": dict(steps=1500, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=250, eval_windows=128,
+                 schedules=[*SCHEDULES, "measured"]),
 }
+PROBE_LENGTHS = (4, 8, 16, 32, 64, 128)
+PROBE_WINDOWS = 64
+MEASURED_RULE = ("width of each layer proportional to its attention-ablation importance (validation-free: "
+                 "loss increase on training windows when the layer's attention output is removed) in the "
+                 "trained uniform model (seed 0); multiples of 32, at least 32, total 768; layers above the "
+                 "uniform width use heads of 16, the others heads of 32")
 
 
-def configs(scale: str) -> list[dict]:
-    s = SETTINGS[scale]
+def measured_schedule(layer_scores, budget: int = 6 * 128, unit: int = 32, narrow: int = 16) -> list[list[tuple]]:
+    """The "measured" allocation: per-layer widths from measurements on the trained uniform model.
+
+    Rule (ours; the paper gives none): each layer's attention width is proportional to its score
+    (we use the attention-ablation importance, see `headalloc.probe.ablation`), rounded to multiples
+    of `unit` by largest remainder with at least one unit per layer and the total exactly `budget`.
+    Layers given more than the uniform width spend it on more, narrower heads of width `narrow` (the
+    paper's early-layer trade-off); the others use heads of width `unit`.
+
+    A first version used each layer's softmax saturation (mean ||J||_2 at the training context) as the
+    score; on the quick uniform model those lie within 0.16-0.20 across layers, so the rule returned
+    the uniform schedule. The saturation probe is still run and reported next to the result.
+    """
+    w = np.asarray(layer_scores, float)
+    n_units, L = budget // unit, len(w)
+    if budget % unit or n_units < L:
+        raise ValueError(f"budget {budget} must be a multiple of {unit} with at least one unit per layer ({L} layers)")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"layer scores must be finite, non-negative and not all zero; got {w.tolist()}")
+    units = np.ones(L, int)  # every layer keeps one head
+    raw = w / w.sum() * (n_units - L)
+    units += np.floor(raw).astype(int)
+    rest = n_units - units.sum()
+    units[np.argsort(-(raw - np.floor(raw)), kind="stable")[:rest]] += 1
+    uniform = budget / L
     out = []
-    for name in s["schedules"]:
+    for u in units:
+        width = int(u) * unit
+        out.append([(width // narrow, narrow)] if width > uniform else [(width // unit, unit)])
+    return out
+
+
+def configs(scale: str, schedules: dict | None = None, save_dir: Path | None = None) -> list[dict]:
+    """Run configs of `scale` for `schedules` (default: the fixed ones listed for that scale). With
+    `save_dir`, the uniform model of the first seed is saved there (the measured schedule probes it)."""
+    s = SETTINGS[scale]
+    schedules = schedules or {k: SCHEDULES[k] for k in s["schedules"] if k in SCHEDULES}
+    out = []
+    for name, layers in schedules.items():
         for seed in s["seeds"]:
             out.append({"label": f"{name} seed={seed}", "schedule": name, "corpus": "wiki", "vocab_size": 2048,
-                        "model": {"d_model": D_MODEL, "layers": [[list(g) for g in layer] for layer in SCHEDULES[name]],
+                        "model": {"d_model": D_MODEL, "layers": [[list(g) for g in layer] for layer in layers],
                                   "positions": "rotary", "residual": True, "layernorm": True, "ffn_hidden": 4 * D_MODEL,
                                   "tie_embeddings": True},
                         "train": {"steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"],
                                   "lr": 3e-3, "warmup": max(20, s["steps"] // 20), "eval_every": s["eval_every"],
                                   "eval_windows": s["eval_windows"], "seed": seed},
                         "threads": 1})
+            if save_dir is not None and name == "uniform" and seed == s["seeds"][0]:
+                out[-1]["save_dir"] = str(save_dir)
+    return out
+
+
+def probe_uniform(cfg: dict) -> dict:
+    """Saturation probe and attention-ablation importance of the trained uniform model, both on
+    training-split windows (validation text never informs a schedule)."""
+    import torch
+
+    from headalloc.models import load_seqmodel
+    from headalloc.probe.ablation import layer_ablation
+    from headalloc.probe.saturation import seqmodel_saturation
+    from headalloc.tasks.lm import random_windows, token_stream, train_tokenizer
+
+    model, meta = load_seqmodel(cfg["save_dir"])
+    tok = train_tokenizer(meta["corpus"], meta["vocab_size"])
+    stream = token_stream(tok, meta["corpus"], "train")
+    windows = random_windows(stream, PROBE_LENGTHS[-1], PROBE_WINDOWS, torch.Generator().manual_seed(1234))
+    out = seqmodel_saturation(model, windows[:, :-1], PROBE_LENGTHS)
+    out["ablation"] = layer_ablation(model, windows)
     return out
 
 
 def compute(ctx: RunContext) -> dict:
     from headalloc.training.sweep import run_sweep
 
-    cfgs = configs(ctx.scale)
-    res = run_sweep(cfgs, ctx.out_dir / "runs.sqlite", "headalloc.training.runs:run_lm", executor=ctx.executor,
-                    ray_address=ctx.ray_address, workers=2, desc="LM allocation sweep")
+    from headalloc.training.runs import run_lm
+
+    store = ctx.out_dir / "runs.sqlite"
+    cfgs = configs(ctx.scale, save_dir=ctx.out_dir / "checkpoints" / "uniform_seed0")
+    res = run_sweep(cfgs, store, "headalloc.training.runs:run_lm", executor=ctx.executor,
+                    ray_address=ctx.ray_address, workers=2, desc="LM allocation sweep (fixed schedules)")
+    schedules = {k: SCHEDULES[k] for k in SETTINGS[ctx.scale]["schedules"] if k in SCHEDULES}
+    probe = None
+    if "measured" in SETTINGS[ctx.scale]["schedules"]:
+        saved = next(c for c in cfgs if "save_dir" in c)
+        if not Path(saved["save_dir"], "model.safetensors").is_file():  # finished earlier, checkpoint gone
+            run_lm(saved)
+        probe = probe_uniform(saved)
+        ell = PROBE_LENGTHS.index(SETTINGS[ctx.scale]["seq_len"])
+        probe["layer_norm_at_train_length"] = probe["norm_mean"][ell]
+        schedules["measured"] = measured_schedule(np.maximum(probe["ablation"]["delta"], 0.0))
+        more = configs(ctx.scale, {"measured": schedules["measured"]})
+        res += run_sweep(more, store, "headalloc.training.runs:run_lm", executor=ctx.executor,
+                         ray_address=ctx.ray_address, workers=2, desc="LM allocation sweep (measured schedule)")
+        cfgs += more
     by: dict[str, list] = {}
     for c, r in zip(cfgs, res):
         by.setdefault(c["schedule"], []).append(r)
@@ -65,10 +141,13 @@ def compute(ctx: RunContext) -> dict:
         summary[name] = {"val_loss_mean": float(np.mean(losses)), "val_loss_std": float(np.std(losses)),
                          "val_loss_all": losses, "seeds": len(rs), "attention_params": rs[0]["attention_params"],
                          "attention_flops_per_token": rs[0]["attention_flops_per_token"],
-                         "n_params": rs[0]["n_params"], "widths": [sum(h * d for h, d in l) for l in SCHEDULES[name]],
+                         "n_params": rs[0]["n_params"],
+                         "widths": [sum(h * d for h, d in l) for l in schedules[name]],
                          "curves": [r["curve"] for r in rs]}
-    return {"config": {**SETTINGS[ctx.scale], "example_run": cfgs[0], "schedules": {k: SCHEDULES[k] for k in by}},
-            "summary": summary}
+    return {"config": {**SETTINGS[ctx.scale], "example_run": cfgs[0], "schedules": schedules,
+                       "probe": {"lengths": list(PROBE_LENGTHS), "windows": PROBE_WINDOWS, "split": "train",
+                                 "rule": MEASURED_RULE}},
+            "uniform_probe": probe, "summary": summary}
 
 
 def table(rec: dict) -> list[dict]:

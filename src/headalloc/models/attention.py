@@ -91,6 +91,9 @@ class GroupedAttention(nn.Module):
         self.qk_total, self.v_total = sum(self.q_widths), sum(self.v_widths)
         self.qkv = nn.Linear(d_model, 2 * self.qk_total + self.v_total, bias=bias)
         self.out = nn.Linear(self.v_total, out_dim or d_model, bias=bias)
+        # Optional observer called as score_hook(group_index, q, k) with (B, H, T, d) queries and keys
+        # after positions are applied; used by the saturation probe of trained SeqModels.
+        self.score_hook = None
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -109,6 +112,8 @@ class GroupedAttention(nn.Module):
             if self.rotary:
                 cos, sin = rotary_cache(T, g.qk_dim, self.rotary_base, x.device, x.dtype)
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.score_hook is not None:
+                self.score_hook(len(outs), q, k)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
             outs.append(o.transpose(1, 2).reshape(B, T, g.n_heads * g.v_dim))
         return self.out(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0])

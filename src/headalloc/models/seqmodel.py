@@ -14,6 +14,7 @@ synthetic setups exactly:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -139,3 +140,56 @@ class SeqModel(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------- checkpoints
+CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG = "model.safetensors", "config.json"
+
+
+def save_seqmodel(model: SeqModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Save weights (safetensors; tied weights stored once) and config to folder `path`, atomically:
+    the folder appears complete or not at all."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    from headalloc.io import atomic_write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
+        atomic_write_json(tmp / CHECKPOINT_CONFIG, {"seqmodel": model.cfg.to_dict(), **(extra or {})})
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_seqmodel(path: str | Path) -> tuple[SeqModel, dict]:
+    """Load a folder written by `save_seqmodel`; returns (model, extra metadata). Never unpickles."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    cfg_file, w_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise FileNotFoundError(f"{path} is not a SeqModel checkpoint: expected {CHECKPOINT_CONFIG} and "
+                                f"{CHECKPOINT_WEIGHTS} inside (write one with save_seqmodel)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+        model = SeqModel(SeqModelConfig(**meta.pop("seqmodel")))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt SeqModel config {cfg_file}: {e}") from e
+    try:
+        load_model(model, str(w_file))
+    except (SafetensorError, RuntimeError) as e:
+        raise ValueError(f"corrupt or mismatched SeqModel weights {w_file}: {e}") from e
+    return model, meta

@@ -13,6 +13,7 @@ Per (L, layer, head): mean and median of ||J||_2, mean largest probability, mean
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -170,3 +171,48 @@ def saturation_verdict(rec: dict) -> dict:
         "slope_max": float(np.nanmax(slopes)),
         "slope_median": float(np.nanmedian(slopes)),
     }
+
+
+@torch.no_grad()
+def seqmodel_saturation(model, windows: torch.Tensor, lengths: Sequence[int]) -> dict:
+    """Softmax saturation of a trained causal `SeqModel` (our grouped-head decoders).
+
+    Same averaging as `measure_saturation` for causal models: one forward per window of max(lengths)
+    tokens, and query row L-1 (which sees exactly L keys) stands for context length L. Heads of all
+    groups of a layer are pooled. Returns per-length, per-layer mean ||J||_2 and the per-layer log-log
+    slope against L.
+    """
+    if not getattr(model.cfg, "causal", False):
+        raise ValueError("seqmodel_saturation needs a causal SeqModel (row L-1 stands for context L)")
+    lengths = _validate_lengths(lengths, model.cfg.max_len)
+    if windows.ndim != 2 or windows.shape[1] < lengths[-1]:
+        raise ValueError(f"windows must be (n, >= {lengths[-1]}) token ids; got shape {tuple(windows.shape)}")
+    rows = torch.tensor([L - 1 for L in lengths])
+    layers = [b.attn for b in model.blocks]
+    sums = np.zeros((len(lengths), len(layers)))
+    counts_heads = np.zeros(len(layers))
+
+    def hook_for(li: int):
+        def hook(gi: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            qr = q[:, :, rows].double()  # (B, H, R, d)
+            logits = qr @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+            keys = torch.arange(k.shape[2])
+            logits = logits.masked_fill(keys[None, :] > rows[:, None], -torch.inf)
+            norms = softmax_jacobian_norm(torch.softmax(logits, -1))  # (B, H, R)
+            sums[:, li] += norms.sum((0, 1)).numpy()
+            counts_heads[li] += norms.shape[0] * norms.shape[1]
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for li, a in enumerate(layers):
+            a.score_hook = hook_for(li)
+        model(windows[:, :lengths[-1]])
+    finally:
+        for a in layers:
+            a.score_hook = None
+        model.train(was_training)
+    norm = sums / counts_heads[None, :]
+    return {"lengths": lengths, "norm_mean": norm.tolist(), "n_windows": int(windows.shape[0]),
+            "slope_per_layer": [loglog_slope(lengths, norm[:, l]) for l in range(len(layers))]}

@@ -37,7 +37,8 @@ def run_synthetic(config: dict, progress: bool = False) -> dict:
 def run_lm(config: dict, progress: bool = False) -> dict:
     """Train a small causal LM on real text. config = {"corpus", "vocab_size", "model": {SeqModelConfig
     fields without vocab}, "train": {"steps", "batch_size", "seq_len", "lr", "warmup", "eval_every",
-    "eval_windows", "seed"}}. Returns the validation loss curve against training tokens."""
+    "eval_windows", "seed"}, optional "save_dir"}. Returns the validation loss curve against training
+    tokens; with "save_dir" the trained model is also saved there (safetensors, see `load_seqmodel`)."""
     import math
     import time
 
@@ -88,6 +89,12 @@ def run_lm(config: dict, progress: bool = False) -> dict:
         if (step + 1) % tr["eval_every"] == 0 or step + 1 == tr["steps"]:
             curve.append({"step": step + 1, "tokens": (step + 1) * tokens_per_step, "val_loss": val_loss(),
                           "train_loss": loss.item()})
+    if config.get("save_dir"):
+        from headalloc.models import save_seqmodel
+
+        save_seqmodel(model, config["save_dir"], extra={"corpus": config.get("corpus", "wiki"),
+                                                        "vocab_size": config.get("vocab_size", 2048),
+                                                        "seq_len": tr["seq_len"]})
     return {"val_loss": curve[-1]["val_loss"], "val_ppl": math.exp(curve[-1]["val_loss"]), "curve": curve,
             "n_params": model.n_params(), "attention_params": model.attention_params(),
             "attention_flops_per_token": model.attention_flops_per_token(tr["seq_len"]),
