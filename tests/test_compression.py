@@ -62,6 +62,30 @@ def test_generate_matches_full_forward_greedy():
     assert torch.equal(gen, seq)
 
 
+def test_decode_fast_path_equals_full_forward_and_is_used(monkeypatch):
+    """Each cached single-token step (no padding, no kv repeat) gives the logits of a full forward."""
+    from headalloc.compression.hf_model import ReducedLlamaAttention
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]),
+                                     LayerPlan(16, 4, keep_rep=[[0, 2], [1, 2]])])
+    calls = []
+    orig = ReducedLlamaAttention._decode_one
+    monkeypatch.setattr(ReducedLlamaAttention, "_decode_one",
+                        lambda self, *a: calls.append(self.layer_idx) or orig(self, *a))
+    ids = torch.randint(0, 120, (1, 14))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        out = student(ids[:, :8], use_cache=True)
+        cache, steps = out.past_key_values, []
+        for t in range(8, 14):
+            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-5)
+    assert calls.count(0) == 6 and len(calls) == 18
+
+
 def test_pair_importance_equals_measured_logit_energy():
     model = tiny_llama()
     ids = torch.randint(0, 120, (4, 40))

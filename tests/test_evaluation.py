@@ -43,3 +43,17 @@ def test_speed_runs_side_by_side():
     res = speed({"a": t, "b": s}, torch.randint(0, 80, (1, 64)), contexts=(32, 64), new_tokens=3, repeats=1,
                 progress=False)
     assert set(res) == {"a", "b"} and all(res[m]["64"]["decode_tok_s"] > 0 for m in res)
+
+
+def test_compare_reports_same_runtime_and_stock_reference():
+    from headalloc.evaluation.lm import compare, same_runtime
+
+    t, s = models()
+    twin = same_runtime(t)
+    ids = torch.randint(0, 80, (1, 40))
+    with torch.no_grad():  # the same-runtime reference is the original model exactly
+        assert torch.allclose(twin(ids).logits, t(ids).logits, atol=1e-5)
+    assert same_runtime(s) is None
+    res = compare(t, s, ids, contexts=(32,), new_tokens=2, repeats=1, progress=False)["32"]
+    assert {"reference", "reference_stock", "decode_speedup_vs_stock"} <= set(res)
+    assert res["decode_speedup_predicted"] > 1  # fewer attention FLOPs than the original

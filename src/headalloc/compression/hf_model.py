@@ -84,6 +84,7 @@ class ReducedLlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.qk_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.v_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_q * self.v_dim, config.hidden_size, bias=bias)
+        self.decode_fast_path = True  # single-token decode without padding or kv repeat (see _decode_one)
 
     def rope_index(self, device) -> torch.Tensor:
         """(n_kv, qk_dim) coordinates of the teacher head kept by each kv head: pairs' first then second halves."""
@@ -108,6 +109,8 @@ class ReducedLlamaAttention(nn.Module):
         k = k * cos_k + rotate_half(k) * sin_k
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if T == 1 and attention_mask is None and not self.training and self.decode_fast_path:
+            return self._decode_one(q, k, v, B), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
         # Fused SDPA kernels need equal query/key and value widths; with unequal widths PyTorch falls
@@ -123,6 +126,19 @@ class ReducedLlamaAttention(nn.Module):
                                            scaling=self.scaling, **kwargs)
         out = out[..., : self.v_dim].reshape(B, T, self.n_q * self.v_dim).contiguous()
         return self.o_proj(out), weights
+
+
+    def _decode_one(self, q, k, v, B: int) -> torch.Tensor:
+        """One new query token against the whole cache, by kv head: (B, n_kv, n_rep, qk) @ (B, n_kv, qk, L).
+
+        No key/value repeat for grouped queries and no padding of the cache to equal widths, so each
+        decode step reads the (smaller) cache once; a fused kernel would gain nothing for one query.
+        """
+        qg = q.reshape(B, self.n_kv, self.n_rep, self.qk_dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scaling  # (B, n_kv, n_rep, L)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.matmul(probs, v)  # (B, n_kv, n_rep, v_dim); query head h uses kv head h // n_rep
+        return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim))
 
 
 class HeadallocLlamaForCausalLM(LlamaForCausalLM):
