@@ -183,3 +183,32 @@ def test_real_smollm2_identity_compression_reproduces_logits():
     student = compress_llama(model, identity_plan(model))
     with torch.no_grad():
         assert torch.allclose(student(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-4)
+
+
+def test_topk_distill_loss_with_full_vocabulary_is_kl_plus_entropy():
+    from headalloc.compression.distill import topk_distill_loss
+
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(5, 30), torch.randn(5, 30)
+    p = torch.softmax(t_logits, -1)
+    top = p.topk(30, -1)
+    got = topk_distill_loss(s_logits, top.indices, top.values)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits, -1), p, reduction="batchmean")
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert torch.allclose(got, kl + entropy, atol=1e-6)
+
+
+def test_end_to_end_distillation_lowers_the_loss_and_trains_only_attention():
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    frozen_before = {n: p.clone() for n, p in student.named_parameters() if ".self_attn." not in n}
+    w = torch.randint(0, 120, (6, 24))
+    r = distill_end_to_end(model, student, w, steps=40, lr=1e-3, k=16, progress=False)
+    assert r["loss_after"] < r["loss_before"]
+    for n, p in student.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    with pytest.raises(ValueError, match="steps must be"):
+        distill_end_to_end(model, student, w, steps=-1, progress=False)

@@ -233,14 +233,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
     _check_family(args.model)
     kw = dict(QUICK) if args.quick else {}
-    for k in ("calib_windows", "calib_length", "distill_steps", "eval_windows", "eval_length"):
+    for k in ("calib_windows", "calib_length", "distill_steps", "kd_steps", "kd_windows", "kd_lr", "eval_windows",
+              "eval_length"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
                          budget_kind=args.budget_kind, seed=args.seed, **kw)
     r = compress(cfg)
     ev = eval_windows(r["tokenizer"], cfg)
-    res = {"config": cfg.to_dict(), "plan": r["plan_info"], "distill": r["distill"],
+    res = {"config": cfg.to_dict(), "plan": r["plan_info"], "distill": r["distill"], "end_to_end": r["kd"],
            "teacher": {**perplexity(r["teacher"], ev, desc="original ppl"), **counts(r["teacher"])},
            "before_distill": perplexity(r["undistilled"], ev, desc="compressed ppl (before distillation)"),
            "after_distill": {**perplexity(r["student"], ev, desc="compressed ppl"), **counts(r["student"])},
@@ -368,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=None)
     p.add_argument("--calib-length", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
+    p.add_argument("--kd-steps", type=int, default=None,
+                   help="end-to-end distillation steps after the layer-local stage (0 = skip)")
+    p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
+    p.add_argument("--kd-lr", type=float, default=None)
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--eval-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

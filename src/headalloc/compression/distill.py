@@ -52,3 +52,83 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
                 p.requires_grad_(False)
         after.append(rel_err())
     return {"layer_rel_error_before": before, "layer_rel_error_after": after, "steps_per_layer": steps, "lr": lr}
+
+
+@torch.no_grad()
+def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = True) -> dict:
+    """The teacher's top-k next-token probabilities on every position of `windows` (n, T), renormalised
+    over the k tokens: a few MB instead of full-vocabulary logits, so distillation steps need no
+    teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "mass": mean top-k mass}."""
+    ids, probs, mass = [], [], []
+    for w in tqdm(windows, desc="teacher top-k", disable=not progress, leave=False):
+        p = torch.softmax(teacher(input_ids=w[None]).logits[0].float(), -1)
+        top = p.topk(k, dim=-1)
+        mass.append(top.values.sum(-1))
+        ids.append(top.indices)
+        probs.append(top.values / top.values.sum(-1, keepdim=True))
+    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "mass": float(torch.cat(mass).mean()), "k": k}
+
+
+def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's renormalised top-k distribution, per token
+    (mean). With k = vocabulary size this is KL(teacher || student) + the teacher's entropy."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return -(probs * logq.gather(-1, ids)).sum(-1).mean()
+
+
+def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 1e-4, batch: int = 1,
+                       k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
+                       report_windows: int = 4) -> dict:
+    """Fine-tune the student's attention projections (everything else frozen) to match the teacher's
+    next-token distributions on `windows` (calibration text), through the whole network, so errors that
+    layer-local fitting leaves to accumulate across layers are corrected. Adam, linear warm-up over the
+    first 10% of steps, cosine decay to 10%. Returns the distillation loss before and after (on the
+    first `report_windows` windows) and the settings."""
+    import math
+
+    if steps < 0 or batch < 1 or k < 1:
+        raise ValueError(f"steps must be >= 0, batch >= 1 and k >= 1; got steps={steps}, batch={batch}, k={k}")
+    targets = targets or teacher_topk(teacher, windows, k, progress)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for layer in student.model.layers for p in layer.self_attn.parameters()]
+    frozen = [p for p in student.parameters() if p.requires_grad]
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    n_report = min(len(windows), report_windows)
+
+    @torch.no_grad()
+    def full_loss() -> float:  # on the first `report_windows` windows (a progress report, not an evaluation)
+        return float(sum(topk_distill_loss(student(input_ids=windows[i][None]).logits[0], targets["ids"][i],
+                                           targets["probs"][i]) for i in range(n_report)) / n_report)
+
+    was_training = student.training
+    student.eval()  # no dropout in LLaMA anyway; keeps the decode/prefill code paths as in use
+    before = full_loss()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    warm = max(1, steps // 10)
+    curve = []
+    for step in tqdm(range(steps), desc="end-to-end distillation", disable=not progress, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(0, len(windows), (batch,), generator=g)
+        logits = student(input_ids=windows[idx]).logits
+        loss = topk_distill_loss(logits, targets["ids"][idx], targets["probs"][idx])
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"end-to-end distillation loss became {loss.item()} at step {step}; lower lr (now {lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(float(loss.detach()))
+    for p in params:
+        p.requires_grad_(False)
+    for p in frozen:
+        p.requires_grad_(True)
+    after = full_loss()
+    student.train(was_training)
+    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
+            "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
+            "teacher_topk_mass": targets["mass"], "train_curve": curve}

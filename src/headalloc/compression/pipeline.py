@@ -27,6 +27,13 @@ class CompressConfig:
     calib_length: int = 256
     distill_steps: int = 100  # per layer, same for every strategy
     distill_lr: float = 5e-4
+    # then end-to-end: attention projections fitted to the teacher's next-token distributions (top-k)
+    kd_steps: int = 100  # 0 = layer-local only; same for every strategy
+    kd_lr: float = 1e-4
+    kd_windows: int = 32
+    kd_length: int = 256
+    kd_batch: int = 1
+    kd_topk: int = 32
     eval_windows: int = 16
     eval_length: int = 512
     seed: int = 0
@@ -35,7 +42,8 @@ class CompressConfig:
         return dict(self.__dict__)
 
 
-QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16)
+QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
+             kd_steps=20, kd_windows=8)
 
 
 def calibration(model, tok, cfg: CompressConfig) -> dict:
@@ -46,6 +54,20 @@ def calibration(model, tok, cfg: CompressConfig) -> dict:
     return collect_layer_inputs(model, w, keep=True)
 
 
+def kd_targets(teacher, tok, cfg: CompressConfig, data: dict, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Training-split windows for end-to-end distillation (a draw separate from the calibration
+    windows) and the teacher's top-k targets on them; cached in `data` so strategies share them."""
+    from headalloc.assets import token_windows
+    from headalloc.compression.distill import teacher_topk
+
+    key = ("kd", cfg.corpus, cfg.kd_windows, cfg.kd_length, cfg.kd_topk, cfg.seed)
+    if data.get("kd_key") != key:
+        w = token_windows(tok, cfg.corpus, "train", cfg.kd_length, cfg.kd_windows, seed=cfg.seed + 2)
+        data["kd_key"], data["kd_windows"] = key, w
+        data["kd_targets"] = teacher_topk(teacher, w, cfg.kd_topk, progress)
+    return data["kd_windows"], data["kd_targets"]
+
+
 def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
     from headalloc.assets import token_windows
 
@@ -53,10 +75,12 @@ def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
     return token_windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, seed=cfg.seed + 1)
 
 
-def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = None, progress: bool = True) -> dict:
-    """Compress per `cfg`; returns the student (before and after distillation) and a record."""
+def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = None, progress: bool = True,
+             keep_stages: bool = False) -> dict:
+    """Compress per `cfg`; returns the student (before and after distillation) and a record. With
+    `keep_stages`, also the student after layer-local distillation only ("after_layerwise")."""
     from headalloc.assets import load_model
-    from headalloc.compression.distill import distill_layerwise
+    from headalloc.compression.distill import distill_end_to_end, distill_layerwise
     from headalloc.compression.llama import check_llama, compress_llama
     from headalloc.compression.strategies import make_plan
 
@@ -75,7 +99,16 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
     undistilled = copy.deepcopy(student)  # kept to report perplexity before distillation
     t1 = time.time()
     dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress)
-    return {"student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
+    t_layer = time.time() - t1
+    kd, stage = None, None
+    if cfg.kd_steps > 0:
+        if keep_stages:
+            stage = copy.deepcopy(student)
+        w, targets = kd_targets(teacher, tok, cfg, data, progress)
+        kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk, cfg.seed,
+                                progress, targets=targets)
+        kd.pop("train_curve")
+    return {"kd": kd, "seconds_layerwise": t_layer, "after_layerwise": stage, "student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
             "plan_info": {**plan_info, **{k: v for k, v in info.items() if k != "head_energy"}},
             "distill": dist, "seconds_plan": t_plan, "seconds_distill": time.time() - t1}
 

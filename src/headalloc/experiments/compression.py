@@ -9,9 +9,9 @@ from headalloc.experiments.registry import Experiment, RunContext, register
 
 SETTINGS = {
     "quick": dict(budgets=[0.5], calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256,
-                  step=16),
+                  step=16, kd_steps=20, kd_windows=8),
     "full": dict(budgets=[0.75, 0.5, 0.25], calib_windows=16, calib_length=256, distill_steps=100, eval_windows=16,
-                 eval_length=512),
+                 eval_length=512, kd_steps=100, kd_windows=32),
 }
 STRATS = ["uniform", "depth", "measured", "prune-heads"]
 
@@ -40,11 +40,15 @@ def compute(ctx: RunContext) -> dict:
                 continue
             if data is None:
                 data = calibration(teacher, tok, cfg0)
-            r = compress(CompressConfig(budget=b, strategy=strat, seed=ctx.seed, **base), teacher, tok, data)
+            r = compress(CompressConfig(budget=b, strategy=strat, seed=ctx.seed, **base), teacher, tok, data,
+                         keep_stages=True)
             partial[key] = {
                 "budget": b, "strategy": strat,
                 "before": perplexity(r["undistilled"], ev, desc=f"{strat} {b} before"),
                 "after": perplexity(r["student"], ev, desc=f"{strat} {b} after"),
+                **({"after_layerwise": perplexity(r["after_layerwise"], ev, desc=f"{strat} {b} layer-local")}
+                   if r["after_layerwise"] is not None else {}),
+                "end_to_end": r["kd"],
                 "counts": counts(r["student"]),
                 "plan": r["plan_info"]["layers"],
                 "seconds_plan": r["seconds_plan"], "seconds_distill": r["seconds_distill"],
@@ -53,7 +57,8 @@ def compute(ctx: RunContext) -> dict:
             atomic_write_json(partial_path, partial)
     return {"config": {**s, "strategies": STRATS, "model": "smollm2",
                        "fairness": "every strategy: the same calibration windows (wiki train split), the same "
-                                   "layer-local distillation (same steps per layer, lr, seed); evaluation on wiki "
+                                   "layer-local distillation (same steps per layer, lr, seed) and the same end-to-end "
+                                   "distillation (same windows, steps, lr); evaluation on wiki "
                                    "validation windows never used for fitting"},
             "teacher": partial["teacher"], "cells": {k: v for k, v in partial.items() if k != "teacher"}}
 
@@ -62,8 +67,11 @@ def table(rec: dict) -> list[dict]:
     t = rec["teacher"]["ppl"]
     rows = [{"quantity": "original perplexity", "paper": "", "measured": f"{t:.2f}", "match": None}]
     for key, c in sorted(rec["cells"].items(), key=lambda kv: (-kv[1]["budget"], kv[1]["strategy"])):
-        rows.append({"quantity": f"budget {c['budget']}, {c['strategy']}: ppl before / after distillation",
-                     "paper": "", "measured": f"{c['before']['ppl']:.2f} / {c['after']['ppl']:.2f} "
+        mid = f" / {c['after_layerwise']['ppl']:.2f}" if "after_layerwise" in c else ""
+        rows.append({"quantity": f"budget {c['budget']}, {c['strategy']}: ppl before / after layer-local / after "
+                                 f"end-to-end distillation" if mid else
+                                 f"budget {c['budget']}, {c['strategy']}: ppl before / after distillation",
+                     "paper": "", "measured": f"{c['before']['ppl']:.2f}{mid} / {c['after']['ppl']:.2f} "
                                               f"({c['after']['ppl'] / t:.2f}x original)", "match": None})
     half = {c["strategy"]: c for c in rec["cells"].values() if c["budget"] == 0.5}
     if "measured" in half:
