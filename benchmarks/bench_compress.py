@@ -5,7 +5,7 @@ the original), the KV cache of the `measured` model relative to the original, an
 speed of the `measured` model against the original at 1024 and 4096 tokens of context, measured
 side by side (interleaved) next to the speed-up its FLOP count predicts.
 
-    .venv/bin/python benchmarks/bench_compress.py            # quick settings (about 10 minutes)
+    .venv/bin/python benchmarks/bench_compress.py            # quick settings (about 15 minutes)
     .venv/bin/python benchmarks/bench_compress.py --full     # the settings of `reproduce` (full)
 """
 
@@ -22,24 +22,38 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--speed-only", action="store_true", help="only the measured model: KV cache and speed")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the measured model's plan (no distillation: speed does not depend on weight values): "
+                         "KV cache and speed")
+    ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
+    if a.speed_only:
+        kw.update(distill_steps=0, kd_steps=0)
     teacher, tok = load_model("smollm2")
     cfg = CompressConfig(budget=a.budget, **kw)
     data = calibration(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
     t_ppl = perplexity(teacher, ev, progress=False)["ppl"]
     print(f"original perplexity {t_ppl:.2f} ({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
-          f"distillation: {cfg.distill_steps} Adam steps per layer on {cfg.calib_windows} calibration windows of "
-          f"{cfg.calib_length}, identical for every strategy")
+          f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer on "
+          f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets) on {cfg.kd_windows} training "
+          f"windows of {cfg.kd_length}")
     models = {}
     for strat in (("measured",) if a.speed_only else ("uniform", "depth", "prune-heads", "measured")):
         t0 = time.time()
-        r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False)
+        r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False,
+                     keep_stages=True)
         p = perplexity(r["student"], ev, progress=False)["ppl"]
+        mid = ""
+        if r["after_layerwise"] is not None:
+            mid = f"after layer-local only {perplexity(r['after_layerwise'], ev, progress=False)['ppl']:7.2f}; "
         models[strat] = r["student"]
-        print(f"  {strat:12s} ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   [{time.time() - t0:.0f} s incl. planning]")
+        print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   "
+              f"[{time.time() - t0:.0f} s incl. planning]", flush=True)
+    if a.no_speed:
+        return
     m = models["measured"]
     kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
     print(f"measured: KV cache {kv:.3f}x of the original (target <= 0.55)")

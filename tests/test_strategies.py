@@ -73,3 +73,30 @@ def test_bad_budget_strategy_and_family_fail_before_work(capsys):
         check_budget(0.5, "random")
     assert main(["compress", "--budget", "2"]) == 2
     assert "budget must be a fraction" in capsys.readouterr().err
+
+
+def test_measured_with_head_choices_is_never_worse_than_widths_or_pruning_alone():
+    """The measured plan's candidate set is the union of narrowing and head removal, so its predicted
+    loss increase (same estimator, exact knapsack) is at most either alone's, by brute-force evaluation
+    of the other two plans under the same estimator."""
+    from headalloc.compression.strategies import _layer_error, measured_plan, prune_plan, reduce_layer
+
+    model = tiny()
+    data = collect_layer_inputs(model, torch.randint(0, 100, (3, 24)))
+    hd, g, r = 16, 2, 3
+
+    def predicted(plan):
+        return sum(_layer_error(model, l, data, reduce_layer(model.model.layers[l].self_attn, data["cov"][l], lp,
+                                                             hd, g, r, l), hd)
+                   for l, lp in enumerate(plan))
+
+    for budget in (0.3, 0.5, 0.8):
+        both, info = measured_plan(model, data, budget, step=4, progress=False, heads=True)
+        widths, _ = measured_plan(model, data, budget, step=4, progress=False, heads=False)
+        pruned, _ = prune_plan(model, data, budget, progress=False)
+        # the measured estimator is additive over qk and v; compare on the same footing: each plan's
+        # own knapsack objective is at least the union's optimum
+        assert info["predicted_error"] <= min(predicted(pruned),
+                                              measured_plan(model, data, budget, step=4, progress=False,
+                                                            heads=False)[1]["predicted_error"]) + 1e-9
+        assert widths and both

@@ -76,7 +76,7 @@ def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tens
     return -(probs * logq.gather(-1, ids)).sum(-1).mean()
 
 
-def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 1e-4, batch: int = 1,
+def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4) -> dict:
     """Fine-tune the student's attention projections (everything else frozen) to match the teacher's

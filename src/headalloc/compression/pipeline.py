@@ -29,7 +29,7 @@ class CompressConfig:
     distill_lr: float = 5e-4
     # then end-to-end: attention projections fitted to the teacher's next-token distributions (top-k)
     kd_steps: int = 100  # 0 = layer-local only; same for every strategy
-    kd_lr: float = 1e-4
+    kd_lr: float = 3e-4
     kd_windows: int = 32
     kd_length: int = 256
     kd_batch: int = 1

@@ -170,9 +170,11 @@ def _layer_error(model, l: int, data: dict, spec_w, hd: int) -> float:
 
 @torch.no_grad()
 def measured_plan(model, data: dict, budget: float, kind: str = "params", step: int = 8,
-                  progress: bool = True) -> tuple[list[LayerPlan], dict]:
-    from tqdm.auto import tqdm
-
+                  progress: bool = True, heads: bool = True) -> tuple[list[LayerPlan], dict]:
+    """Per layer, every candidate is scored by its measured (Fisher-weighted) output error: narrower
+    query/key and value widths for all heads, and (with `heads`) removing whole kv heads or query heads
+    per kv head, ranked by output energy; an exact multiple-choice knapsack picks one candidate per
+    layer under the global budget."""
     cfg = model.config
     hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
     g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
@@ -185,7 +187,12 @@ def measured_plan(model, data: dict, budget: float, kind: str = "params", step: 
     else:
         e_qk, e_v = _measure_widths(model, data, dims, progress)
         data["_measured_errors"] = (dims, e_qk, e_v)
-    return _measured_choice(cfg, dims, e_qk, e_v, budget, kind)
+    extra = None
+    if heads:  # per-head choices too: removing whole kv / query heads competes with narrowing them
+        if f"_prune_options_{kind}" not in data:
+            data[f"_prune_options_{kind}"] = _measure_pruning(model, data, kind, progress)
+        extra = data[f"_prune_options_{kind}"][:2]
+    return _measured_choice(cfg, dims, e_qk, e_v, budget, kind, extra)
 
 
 def _measure_widths(model, data, dims, progress):
@@ -209,7 +216,7 @@ def _measure_widths(model, data, dims, progress):
     return e_qk, e_v
 
 
-def _measured_choice(cfg, dims, e_qk, e_v, budget, kind):
+def _measured_choice(cfg, dims, e_qk, e_v, budget, kind, extra=None):
     hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
     g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     options, labels = [], []
@@ -218,13 +225,19 @@ def _measured_choice(cfg, dims, e_qk, e_v, budget, kind):
         for i, qk in enumerate(dims):
             for j, v in enumerate(dims):
                 opts.append((cost_of(_spec(g, r, qk, v), hidden, kind), e_qk[l, i] + e_v[l, j]))
-                labs.append((qk, v))
+                labs.append(LayerPlan(qk, v))
+        if extra is not None:  # head-removal candidates (full width); the keep-everything one is already in
+            for (c, e), lp in zip(extra[0][l], extra[1][l]):
+                if lp.keep_kv is not None and (len(lp.keep_kv) < g or any(len(x) < r for x in lp.keep_rep)):
+                    opts.append((c, e))
+                    labs.append(lp)
         options.append(opts)
         labels.append(labs)
     full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
     picks = knapsack(options, int(budget * full + 1e-6))
-    plan = [LayerPlan(*labels[l][j]) for l, j in enumerate(picks)]
+    plan = [labels[l][j] for l, j in enumerate(picks)]
     return plan, {"grid": dims, "err_qk": e_qk.tolist(), "err_v": e_v.tolist(),
+                  "layers_with_heads_removed": [l for l, lp in enumerate(plan) if lp.keep_kv is not None],
                   "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
 
 
