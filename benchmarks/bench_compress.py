@@ -60,9 +60,11 @@ def main():
     long = token_windows(tok, "wiki", "validation", 4096, 1, seed=0)
     for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=2, progress=False).items():
         frac = v["decode_fraction_of_predicted"]
+        fb = v["decode_fraction_of_predicted_bytes"]
         print(f"context {c}: decode speed-up measured {v['decode_speedup_measured']:.2f}x vs FLOP-predicted "
               f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain {frac if frac is None else round(frac, 2)}; "
-              f"target >= 0.9); prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
+              f"target >= 0.9) and memory-traffic-predicted {v['decode_speedup_predicted_bytes']:.2f}x (fraction "
+              f"{fb if fb is None else round(fb, 2)}); prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
               f"against the stock HF model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
               f"{v['prefill_speedup_vs_stock']:.2f}x")
     print("(speed-ups are against the original weights in the same runtime, identical logits; 'stock' is "

@@ -28,6 +28,11 @@ def test_counts_match_the_model():
             cache = m(ids, use_cache=True).past_key_values
         held = sum(l.keys.numel() + l.values.numel() for l in cache.layers) * 4
         assert c["kv_bytes_per_token"] * 10 == held
+        # decode traffic: every matrix weight except the embedding table (one row is looked up), unless it
+        # is tied to the output head, which reads all of it; plus the cache
+        tied = m.config.tie_word_embeddings
+        weights = sum(p.numel() for n, p in m.named_parameters() if p.ndim == 2 and (tied or "embed" not in n)) * 4
+        assert c["decode_bytes_per_token"] == weights + held
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy():

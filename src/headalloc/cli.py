@@ -283,7 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      f"{v['prefill_speedup_vs_stock']:.2f}x" if "decode_speedup_vs_stock" in v else "")
             print(f"context {c}: decode {v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s "
                   f"(speed-up {v['decode_speedup_measured']:.2f}x measured, {v['decode_speedup_predicted']:.2f}x "
-                  f"by FLOPs); prefill {v['model']['prefill_tok_s']:.0f} vs {v['reference']['prefill_tok_s']:.0f} "
+                  f"by FLOPs, {v['decode_speedup_predicted_bytes']:.2f}x by memory traffic); prefill {v['model']['prefill_tok_s']:.0f} vs {v['reference']['prefill_tok_s']:.0f} "
                   f"tok/s ({v['prefill_speedup_measured']:.2f}x measured, {v['prefill_speedup_predicted']:.2f}x by "
                   f"FLOPs){stock}")
     if args.out:

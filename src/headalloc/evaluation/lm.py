@@ -55,6 +55,9 @@ def counts(model, context: int = 1024) -> dict:
         "attention_flops_per_token": 2 * attn_p + attn_ctx * context,
         "decode_flops_per_token": dense + attn_ctx * context,  # one new token attending to `context` keys
         "prefill_flops_per_token": dense + attn_ctx * (context + 1) / 2,
+        # batch-1 decode on a CPU is bound by memory traffic: every weight and the whole KV cache are
+        # read once per new token (GQA reads each kv head once however many query heads share it)
+        "decode_bytes_per_token": (matmul_params - norms) * elt + kv * elt * context,
         "context": context,
     }
 
@@ -123,12 +126,16 @@ def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_toke
         cr, cm = counts(reference, c), counts(model, c)
         r, m = sp["reference"][str(c)], sp["model"][str(c)]
         pred_dec = cr["decode_flops_per_token"] / cm["decode_flops_per_token"]
+        pred_bytes = cr["decode_bytes_per_token"] / cm["decode_bytes_per_token"]
         pred_pre = cr["prefill_flops_per_token"] / cm["prefill_flops_per_token"]
         meas_dec = m["decode_tok_s"] / r["decode_tok_s"]
         meas_pre = m["prefill_tok_s"] / r["prefill_tok_s"]
         out[str(c)] = {"reference": r, "model": m,
                        "decode_speedup_measured": meas_dec, "decode_speedup_predicted": pred_dec,
                        "decode_fraction_of_predicted": (meas_dec - 1) / (pred_dec - 1) if pred_dec > 1 else None,
+                       "decode_speedup_predicted_bytes": pred_bytes,
+                       "decode_fraction_of_predicted_bytes": (meas_dec - 1) / (pred_bytes - 1) if pred_bytes > 1
+                       else None,
                        "prefill_speedup_measured": meas_pre, "prefill_speedup_predicted": pred_pre}
         if twin is not None:
             st = sp["reference_stock"][str(c)]
