@@ -162,6 +162,13 @@ def table(rec: dict) -> list[dict]:
         rows.append({"quantity": "principle beats uniform at equal budget (difference vs seed spread)",
                      "paper": "implied", "measured": f"{diff:+.4f} (spread {spread:.4f})",
                      "match": diff > 2 * spread if min(u["seeds"], p["seeds"]) > 1 else None})
+    if "uniform" in s and "measured" in s:
+        u, m = s["uniform"], s["measured"]
+        spread = max(u["val_loss_std"], m["val_loss_std"], 1e-9)
+        diff = u["val_loss_mean"] - m["val_loss_mean"]
+        rows.append({"quantity": "measured (from the uniform model's probe) vs uniform at equal budget",
+                     "paper": "", "measured": f"{diff:+.4f} (spread {spread:.4f}); widths {m['widths']}",
+                     "match": None})
     if "uniform" in s and "principle_low" in s:
         u, p = s["uniform"], s["principle_low"]
         rows.append({"quantity": "principle at 0.75x budget vs uniform", "paper": "holds quality",
@@ -171,9 +178,12 @@ def table(rec: dict) -> list[dict]:
 
 
 def plot(rec: dict, out: Path) -> list[Path]:
-    from headalloc.reports.figures import plot_lm_curves
+    from headalloc.reports.figures import plot_lm_curves, plot_lm_probe
 
-    return [plot_lm_curves(rec, out / "val_loss_vs_tokens.png")]
+    figs = [plot_lm_curves(rec, out / "val_loss_vs_tokens.png")]
+    if rec.get("uniform_probe"):
+        figs.append(plot_lm_probe(rec, out / "uniform_probe.png"))
+    return figs
 
 
 register(Experiment(

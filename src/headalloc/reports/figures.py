@@ -244,3 +244,34 @@ def plot_lm_curves(rec: dict, path: Path) -> Path:
     ax.set_title("Per-layer allocation at equal attention budget")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_lm_probe(rec: dict, path: Path) -> Path:
+    """The trained uniform model's measurements behind the "measured" schedule: attention-ablation
+    loss increase per layer, mean ||J||_2 against context per layer, and the resulting widths."""
+    p = rec["uniform_probe"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    d = p["ablation"]["delta"]
+    axes[0].bar(range(len(d)), d, color="C0")
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("loss increase without the layer's attention (nats)")
+    axes[0].set_title("attention-ablation importance")
+    norms = list(zip(*p["norm_mean"]))  # per layer, over lengths
+    for l, ys in enumerate(norms):
+        axes[1].plot(p["lengths"], ys, marker="o", ms=3, color=plt.cm.viridis(l / max(1, len(norms) - 1)),
+                     label=f"layer {l} (slope {p['slope_per_layer'][l]:+.2f})")
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("context length L")
+    axes[1].set_ylabel("mean ||J||_2")
+    axes[1].set_title("softmax saturation")
+    axes[1].legend(fontsize=6)
+    for i, name in enumerate(("uniform", "principle", "measured")):
+        if name in rec["summary"]:
+            axes[2].plot(rec["summary"][name]["widths"], marker="o", label=name, color=f"C{i}")
+    axes[2].set_xlabel("layer")
+    axes[2].set_ylabel("attention width (heads x head dim)")
+    axes[2].set_title("schedules")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
