@@ -26,7 +26,7 @@ SCHEDULES = {
 SETTINGS = {
     "quick": dict(steps=300, seeds=[0], batch_size=16, seq_len=128, eval_every=100, eval_windows=32,
                   schedules=["uniform", "principle", "reverse", "measured"]),
-    "full": dict(steps=1500, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=250, eval_windows=128,
+    "full": dict(steps=1000, seeds=[0, 1, 2], batch_size=16, seq_len=128, eval_every=200, eval_windows=128,
                  schedules=[*SCHEDULES, "measured"]),
 }
 PROBE_LENGTHS = (4, 8, 16, 32, 64, 128)
