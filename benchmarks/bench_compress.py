@@ -26,6 +26,8 @@ def main():
                     help="only the measured model's plan (no distillation: speed does not depend on weight values): "
                          "KV cache and speed")
     ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
+    ap.add_argument("--strategies", default="uniform,depth,prune-heads,measured",
+                    help="comma-separated subset (the settings are seeded, so runs are comparable)")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
     if a.speed_only:
@@ -41,7 +43,7 @@ def main():
           f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     models = {}
-    for strat in (("measured",) if a.speed_only else ("uniform", "depth", "prune-heads", "measured")):
+    for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
         t0 = time.time()
         r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False,
                      keep_stages=True)
@@ -53,6 +55,8 @@ def main():
         print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   "
               f"[{time.time() - t0:.0f} s incl. planning]", flush=True)
     if a.no_speed:
+        return
+    if "measured" not in models:
         return
     m = models["measured"]
     kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
