@@ -67,7 +67,7 @@ def test_decode_fast_path_equals_full_forward_and_is_used(monkeypatch):
     from headalloc.compression.hf_model import ReducedLlamaAttention
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]),
+    student = compress_llama(model, [LayerPlan(8, 8), LayerPlan(4, 8, keep_kv=[1]),  # equal and unequal widths
                                      LayerPlan(16, 4, keep_rep=[[0, 2], [1, 2]])])
     calls = []
     orig = ReducedLlamaAttention._decode_one
