@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,19 +113,12 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
 
 def save_model(model, tok, out: Path, extra: dict | None = None) -> Path:
     """save_pretrained into a temporary folder, then rename: the folder is complete or absent."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    from headalloc.io import atomic_directory
+
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(tmp)
         if extra:
             (tmp / "headalloc.json").write_text(json.dumps(extra, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

@@ -149,26 +149,14 @@ CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG = "model.safetensors", "config.json"
 def save_seqmodel(model: SeqModel, path: str | Path, extra: dict | None = None) -> Path:
     """Save weights (safetensors; tied weights stored once) and config to folder `path`, atomically:
     the folder appears complete or not at all."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_model
 
-    from headalloc.io import atomic_write_json
+    from headalloc.io import atomic_directory, atomic_write_json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with atomic_directory(path) as tmp:
         save_model(model, str(tmp / CHECKPOINT_WEIGHTS))
         atomic_write_json(tmp / CHECKPOINT_CONFIG, {"seqmodel": model.cfg.to_dict(), **(extra or {})})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_seqmodel(path: str | Path) -> tuple[SeqModel, dict]:
