@@ -22,14 +22,26 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="speed: best of this many interleaved runs")
+    ap.add_argument("--batches", default="1,8",
+                    help="decode batch sizes (sequences decoded together from one prompt's cache)")
     ap.add_argument("--speed-only", action="store_true",
                     help="only the measured model's plan (no distillation: speed does not depend on weight values): "
                          "KV cache and speed")
     ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
     ap.add_argument("--strategies", default="uniform,depth,prune-heads,measured",
                     help="comma-separated subset (the settings are seeded, so runs are comparable)")
+    ap.add_argument("--kd-steps", type=int, default=None, help="override the end-to-end distillation steps")
+    ap.add_argument("--kd-windows", type=int, default=None, help="override the end-to-end distillation windows")
+    ap.add_argument("--kd-lr", type=float, default=None, help="override the end-to-end distillation lr")
+    ap.add_argument("--kd-train", choices=("attention", "layers"), default=None,
+                    help="end-to-end stage trains attention only or every decoder-layer weight")
+    ap.add_argument("--distill-steps", type=int, default=None, help="override the layer-local steps per layer")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
+    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "distill_steps"):
+        if getattr(a, k) is not None:
+            kw[k] = getattr(a, k)
     if a.speed_only:
         kw.update(distill_steps=0, kd_steps=0)
     teacher, tok = load_model("smollm2")
@@ -40,7 +52,7 @@ def main():
     print(f"original perplexity {t_ppl:.2f} ({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets, training {cfg.kd_train}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     models = {}
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
@@ -62,17 +74,22 @@ def main():
     kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
     print(f"measured: KV cache {kv:.3f}x of the original (target <= 0.55)")
     long = token_windows(tok, "wiki", "validation", 4096, 1, seed=0)
-    for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=2, progress=False).items():
-        frac = v["decode_fraction_of_predicted"]
-        fb = v["decode_fraction_of_predicted_bytes"]
-        print(f"context {c}: decode speed-up measured {v['decode_speedup_measured']:.2f}x vs FLOP-predicted "
-              f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain {frac if frac is None else round(frac, 2)}; "
-              f"target >= 0.9) and memory-traffic-predicted {v['decode_speedup_predicted_bytes']:.2f}x (fraction "
-              f"{fb if fb is None else round(fb, 2)}); prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
-              f"against the stock HF model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
-              f"{v['prefill_speedup_vs_stock']:.2f}x")
-    print("(speed-ups are against the original weights in the same runtime, identical logits; 'stock' is "
-          "transformers' LlamaForCausalLM with SDPA)")
+    for b in [int(x) for x in a.batches.split(",")]:
+        for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=a.repeats, progress=False,
+                            batch=b).items():
+            frac = v["decode_fraction_of_predicted"]
+            fb = v["decode_fraction_of_predicted_bytes"]
+            print(f"decode batch {b}, context {c}: decode speed-up measured {v['decode_speedup_measured']:.2f}x "
+                  f"({v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s) vs FLOP-predicted "
+                  f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain "
+                  f"{frac if frac is None else round(frac, 2)}; target >= 0.9) and memory-traffic-predicted "
+                  f"{v['decode_speedup_predicted_bytes']:.2f}x (fraction {fb if fb is None else round(fb, 2)}); "
+                  f"prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
+                  f"against the stock HF model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
+                  f"{v['prefill_speedup_vs_stock']:.2f}x", flush=True)
+    print(f"(speed-ups are against the original weights in the same runtime, identical logits; 'stock' is "
+          f"transformers' LlamaForCausalLM with SDPA; {a.new_tokens} greedy decode steps after a one-sequence "
+          f"prefill, best of {a.repeats} interleaved runs)")
 
 
 if __name__ == "__main__":

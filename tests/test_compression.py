@@ -212,3 +212,20 @@ def test_end_to_end_distillation_lowers_the_loss_and_trains_only_attention():
             assert torch.equal(p, frozen_before[n]), n
     with pytest.raises(ValueError, match="steps must be"):
         distill_end_to_end(model, student, w, steps=-1, progress=False)
+
+
+def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head():
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    w = torch.randint(0, 120, (6, 24))
+    r = distill_end_to_end(model, student, w, steps=20, lr=1e-3, k=16, progress=False, train="layers")
+    assert r["loss_after"] < r["loss_before"] and r["train"] == "layers"
+    for n, p in student.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (".layers." in n), n  # every decoder-layer weight moves, nothing else does
+        assert p.requires_grad  # trainability restored afterwards
+    with pytest.raises(ValueError, match="train must be"):
+        distill_end_to_end(model, student, w, steps=1, progress=False, train="mlp")

@@ -62,3 +62,29 @@ def test_compare_reports_same_runtime_and_stock_reference():
     res = compare(t, s, ids, contexts=(32,), new_tokens=2, repeats=1, progress=False)["32"]
     assert {"reference", "reference_stock", "decode_speedup_vs_stock"} <= set(res)
     assert res["decode_speedup_predicted"] > 1  # fewer attention FLOPs than the original
+
+
+def test_batched_decode_from_a_repeated_cache_matches_single_sequence_decode():
+    """The speed test's batch decode (one prompt's cache repeated B times) computes, for every row, exactly
+    what batch-1 decode computes, in both runtimes (the reduced model's fast decode path included)."""
+    ids = torch.randint(0, 80, (1, 20))
+    for m in models():
+        with torch.no_grad():
+            one = m(input_ids=ids, use_cache=True)
+            many = m(input_ids=ids, use_cache=True)
+            many.past_key_values.batch_repeat_interleave(3)
+            nxt = one.logits[:, -1:].argmax(-1)
+            a = m(input_ids=nxt, past_key_values=one.past_key_values, use_cache=True).logits
+            b = m(input_ids=nxt.repeat(3, 1), past_key_values=many.past_key_values, use_cache=True).logits
+        assert b.shape[0] == 3 and torch.allclose(b, a.expand_as(b), atol=1e-5)
+        res = speed({"m": m}, ids, contexts=(20,), new_tokens=2, repeats=1, progress=False, batch=3)
+        assert res["m"]["20"]["decode_tok_s"] > 0
+
+
+def test_batched_decode_traffic_shares_the_weights():
+    t, s = models()
+    for m in (t, s):
+        one, four = counts(m, context=10), counts(m, context=10, batch=4)
+        kv = one["kv_bytes_per_token"] * 10
+        assert math.isclose(four["decode_bytes_per_token"], (one["decode_bytes_per_token"] - kv) / 4 + kv)
+        assert four["decode_flops_per_token"] == one["decode_flops_per_token"]

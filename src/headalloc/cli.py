@@ -233,8 +233,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
     _check_family(args.model)
     kw = dict(QUICK) if args.quick else {}
-    for k in ("calib_windows", "calib_length", "distill_steps", "kd_steps", "kd_windows", "kd_lr", "eval_windows",
-              "eval_length"):
+    for k in ("calib_windows", "calib_length", "distill_steps", "kd_steps", "kd_windows", "kd_lr", "kd_train",
+              "eval_windows", "eval_length"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
@@ -276,12 +276,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ref, _ = load_model(args.reference)
         res["reference"] = {"model": args.reference, "perplexity": perplexity(ref, ev), **counts(ref, args.length)}
         long = token_windows(tok, args.corpus, "validation", max(args.contexts), 1, seed=args.seed)
-        res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats)
+        res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats, batch=args.batch)
         print(f"reference {args.reference}: perplexity {res['reference']['perplexity']['ppl']:.2f}")
         for c, v in res["speed"].items():
             stock = (f"; vs the stock model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
                      f"{v['prefill_speedup_vs_stock']:.2f}x" if "decode_speedup_vs_stock" in v else "")
-            print(f"context {c}: decode {v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s "
+            print(f"context {c}, decode batch {args.batch}: decode {v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s "
                   f"(speed-up {v['decode_speedup_measured']:.2f}x measured, {v['decode_speedup_predicted']:.2f}x "
                   f"by FLOPs, {v['decode_speedup_predicted_bytes']:.2f}x by memory traffic); prefill {v['model']['prefill_tok_s']:.0f} vs {v['reference']['prefill_tok_s']:.0f} "
                   f"tok/s ({v['prefill_speedup_measured']:.2f}x measured, {v['prefill_speedup_predicted']:.2f}x by "
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end distillation steps after the layer-local stage (0 = skip)")
     p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
     p.add_argument("--kd-lr", type=float, default=None)
+    p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
+                   help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--eval-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -387,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=_ints, default=[1024, 4096])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded together (share the prompt's cache); tok/s counts all of them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results here (JSON)")
     p.set_defaults(fn=cmd_evaluate)

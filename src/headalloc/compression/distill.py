@@ -78,8 +78,9 @@ def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tens
 
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
-                       report_windows: int = 4) -> dict:
-    """Fine-tune the student's attention projections (everything else frozen) to match the teacher's
+                       report_windows: int = 4, train: str = "attention") -> dict:
+    """Fine-tune the student's attention projections (`train="attention"`, everything else frozen; or
+    `train="layers"`: every weight of the decoder layers, embeddings and output head frozen) to match the teacher's
     next-token distributions on `windows` (calibration text), through the whole network, so errors that
     layer-local fitting leaves to accumulate across layers are corrected. Adam, linear warm-up over the
     first 10% of steps, cosine decay to 10%. Returns the distillation loss before and after (on the
@@ -91,7 +92,10 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     targets = targets or teacher_topk(teacher, windows, k, progress)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    params = [p for layer in student.model.layers for p in layer.self_attn.parameters()]
+    if train not in ("attention", "layers"):
+        raise ValueError(f"train must be 'attention' or 'layers'; got {train!r}")
+    params = [p for layer in student.model.layers
+              for p in (layer.self_attn.parameters() if train == "attention" else layer.parameters())]
     frozen = [p for p in student.parameters() if p.requires_grad]
     for p in student.parameters():
         p.requires_grad_(False)
@@ -129,6 +133,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         p.requires_grad_(True)
     after = full_loss()
     student.train(was_training)
-    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
+    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k, "train": train,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": targets["mass"], "train_curve": curve}

@@ -28,8 +28,11 @@ def attn_layers_of(model) -> list[dict]:
     return a if a else identity_attn_layers(model.config)
 
 
-def counts(model, context: int = 1024) -> dict:
-    """Parameters, KV-cache bytes per token (model dtype and fp16) and FLOPs per token at `context`."""
+def counts(model, context: int = 1024, batch: int = 1) -> dict:
+    """Parameters, KV-cache bytes per token (model dtype and fp16) and FLOPs per token at `context`;
+    `batch` sequences decoded together share one read of the weights (memory-traffic prediction)."""
+    if batch < 1 or context < 0:
+        raise ValueError(f"batch must be >= 1 and context >= 0; got batch={batch}, context={context}")
     hidden = model.config.hidden_size
     layers = attn_layers_of(model)
     attn_p = 0
@@ -55,20 +58,26 @@ def counts(model, context: int = 1024) -> dict:
         "attention_flops_per_token": 2 * attn_p + attn_ctx * context,
         "decode_flops_per_token": dense + attn_ctx * context,  # one new token attending to `context` keys
         "prefill_flops_per_token": dense + attn_ctx * (context + 1) / 2,
-        # batch-1 decode on a CPU is bound by memory traffic: every weight and the whole KV cache are
-        # read once per new token (GQA reads each kv head once however many query heads share it)
-        "decode_bytes_per_token": (matmul_params - norms) * elt + kv * elt * context,
+        # decode on a CPU is bound by memory traffic: every weight is read once per step (shared by the
+        # `batch` sequences of the step) and each sequence's whole KV cache once per new token (GQA reads
+        # each kv head once however many query heads share it)
+        "decode_bytes_per_token": (matmul_params - norms) * elt / batch + kv * elt * context,
         "context": context,
+        "batch": batch,
     }
 
 
 @torch.no_grad()
-def _prefill_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Seconds for a prefill of `ids` (building the KV cache) and for `new_tokens` greedy decode steps."""
+def _prefill_decode(model, ids: torch.Tensor, new_tokens: int, batch: int = 1) -> tuple[float, float]:
+    """Seconds for a prefill of `ids` (1, T) (building the KV cache) and for `new_tokens` greedy decode
+    steps of `batch` sequences that share that prompt (the cache is copied `batch` times, not re-run)."""
     t = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     t_pre = time.perf_counter() - t
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+        nxt = nxt.repeat(batch, 1)
     t = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
@@ -77,9 +86,11 @@ def _prefill_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, f
 
 
 def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,
-          progress: bool = True) -> dict:
-    """Prefill and decode tokens/s for each model at each context, interleaved so noise hits all alike
-    (best of `repeats`)."""
+          progress: bool = True, batch: int = 1) -> dict:
+    """Prefill (one sequence) and decode tokens/s (`batch` sequences per step, tokens counted over all)
+    for each model at each context, interleaved so noise hits all alike (best of `repeats`)."""
+    if batch < 1 or new_tokens < 1 or repeats < 1:
+        raise ValueError(f"batch, new_tokens and repeats must be >= 1; got {batch}, {new_tokens}, {repeats}")
     res = {name: {} for name in models}
     for c in contexts:
         if ids.shape[1] < c:
@@ -88,11 +99,11 @@ def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: in
         best = {name: [float("inf"), float("inf")] for name in models}
         for _ in tqdm(range(repeats), desc=f"speed at context {c}", disable=not progress, leave=False):
             for name, m in models.items():
-                t_pre, t_dec = _prefill_decode(m, x, new_tokens)
+                t_pre, t_dec = _prefill_decode(m, x, new_tokens, batch)
                 best[name][0] = min(best[name][0], t_pre)
                 best[name][1] = min(best[name][1], t_dec)
         for name in models:
-            res[name][str(c)] = {"prefill_tok_s": c / best[name][0], "decode_tok_s": new_tokens / best[name][1],
+            res[name][str(c)] = {"prefill_tok_s": c / best[name][0], "decode_tok_s": batch * new_tokens / best[name][1],
                                  "prefill_seconds": best[name][0]}
     return res
 
@@ -110,7 +121,7 @@ def same_runtime(reference):
 
 
 def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,
-            progress: bool = True) -> dict:
+            progress: bool = True, batch: int = 1) -> dict:
     """Measured and FLOP-predicted speed-ups of `model` over `reference`, side by side, in one run.
 
     The headline measured speed-up is against the reference in the same runtime (see `same_runtime`);
@@ -120,10 +131,10 @@ def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_toke
     twin = same_runtime(reference)
     if twin is not None:
         models = {"reference_stock": reference, "reference": twin, "model": model}
-    sp = speed(models, ids, contexts, new_tokens, repeats, progress)
+    sp = speed(models, ids, contexts, new_tokens, repeats, progress, batch)
     out = {}
     for c in contexts:
-        cr, cm = counts(reference, c), counts(model, c)
+        cr, cm = counts(reference, c, batch), counts(model, c, batch)
         r, m = sp["reference"][str(c)], sp["model"][str(c)]
         pred_dec = cr["decode_flops_per_token"] / cm["decode_flops_per_token"]
         pred_bytes = cr["decode_bytes_per_token"] / cm["decode_bytes_per_token"]
@@ -136,7 +147,8 @@ def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_toke
                        "decode_speedup_predicted_bytes": pred_bytes,
                        "decode_fraction_of_predicted_bytes": (meas_dec - 1) / (pred_bytes - 1) if pred_bytes > 1
                        else None,
-                       "prefill_speedup_measured": meas_pre, "prefill_speedup_predicted": pred_pre}
+                       "prefill_speedup_measured": meas_pre, "prefill_speedup_predicted": pred_pre,
+                       "batch": batch, "new_tokens": new_tokens, "repeats": repeats}
         if twin is not None:
             st = sp["reference_stock"][str(c)]
             out[str(c)].update(reference_stock=st, decode_speedup_vs_stock=m["decode_tok_s"] / st["decode_tok_s"],
