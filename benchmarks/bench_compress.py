@@ -65,7 +65,8 @@ def main():
             mid = f"after layer-local only {perplexity(r['after_layerwise'], ev, progress=False)['ppl']:7.2f}; "
         models[strat] = r["student"]
         print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   "
-              f"[{time.time() - t0:.0f} s incl. planning]", flush=True)
+              f"[{time.time() - t0:.0f} s: plan {r['seconds_plan']:.0f}, layer-local {r['seconds_layerwise']:.0f}, "
+              f"end-to-end {r['seconds_distill'] - r['seconds_layerwise']:.0f}, rest evaluation]", flush=True)
     if a.no_speed:
         return
     if "measured" not in models:

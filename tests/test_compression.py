@@ -229,3 +229,16 @@ def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head
         assert p.requires_grad  # trainability restored afterwards
     with pytest.raises(ValueError, match="train must be"):
         distill_end_to_end(model, student, w, steps=1, progress=False, train="mlp")
+
+
+def test_low_rank_svd_of_a_product_matches_the_dense_svd():
+    from headalloc.compression.llama import low_rank_svd
+
+    g = torch.Generator().manual_seed(0)
+    M, N = torch.randn(90, 8, generator=g, dtype=torch.float64), torch.randn(8, 40, generator=g, dtype=torch.float64)
+    U, S, Vh = low_rank_svd(M, N)
+    dense = torch.linalg.svdvals(M @ N)
+    assert torch.allclose(S, dense[:8], atol=1e-9) and float(dense[8:].abs().max()) < 1e-9
+    assert torch.allclose((U * S) @ Vh, M @ N, atol=1e-9)
+    assert torch.allclose(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(8, dtype=torch.float64), atol=1e-9)

@@ -92,6 +92,16 @@ def pair_importance(attn, C: torch.Tensor | None, n_kv: int, n_rep: int, head_di
     return pq * pk
 
 
+def low_rank_svd(M: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of the product M @ N, M (m, r), N (r, n), r small, without forming it: QR of both
+    factors, then the SVD of an r x r core. Returns U (m, r), S (r,), Vh (r, n) with U diag(S) Vh = M N
+    (the product has rank <= r, so nothing is lost)."""
+    Qm, Rm = torch.linalg.qr(M)
+    Qn, Rn = torch.linalg.qr(N.transpose(0, 1))
+    u, S, vh = torch.linalg.svd(Rm @ Rn.transpose(0, 1))
+    return Qm @ u, S, vh @ Qn.transpose(0, 1)
+
+
 @torch.no_grad()
 def value_output_svd(attn, C: torch.Tensor | None, n_kv: int, n_rep: int, head_dim: int, v_new: int,
                      keep_rep: list[list[int]] | None = None, cache: dict | None = None):
@@ -112,9 +122,8 @@ def value_output_svd(attn, C: torch.Tensor | None, n_kv: int, n_rep: int, head_d
         if cache is not None and key in cache:
             U, S, Vh = cache[key]
         else:
-            A = torch.cat([Wo[:, g, h] @ Wv[g] for h in reps], dim=0)  # (len(reps)*hidden, hidden)
-            Aw = A @ Cs if C is not None else A
-            U, S, Vh = torch.linalg.svd(Aw, full_matrices=False)
+            M = torch.cat([Wo[:, g, h] for h in reps], dim=0)  # A = M @ W_V: (len(reps)*hidden, hidden)
+            U, S, Vh = low_rank_svd(M, Wv[g] @ Cs if C is not None else Wv[g])
             if cache is not None:
                 cache[key] = (U, S, Vh)
         k = min(v_new, S.numel())

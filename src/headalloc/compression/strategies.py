@@ -124,6 +124,9 @@ def attention_output_grads(model, data: dict) -> list[list[torch.Tensor]]:
         def hook(mod, args, out, i=i):
             out[0].register_hook(lambda g, i=i: grads[i].append(g.detach().clone()))
         handles.append(layer.self_attn.register_forward_hook(hook))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # gradients reach the activations through the embeddings; no weight gradients
+        p.requires_grad_(False)
     try:
         for w in data["windows"]:
             model.zero_grad(set_to_none=True)
@@ -135,6 +138,8 @@ def attention_output_grads(model, data: dict) -> list[list[torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
     return grads
 
