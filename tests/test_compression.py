@@ -242,3 +242,17 @@ def test_low_rank_svd_of_a_product_matches_the_dense_svd():
     assert torch.allclose((U * S) @ Vh, M @ N, atol=1e-9)
     assert torch.allclose(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(Vh @ Vh.T, torch.eye(8, dtype=torch.float64), atol=1e-9)
+
+
+def test_compressed_model_loads_with_accelerate_device_placement(tmp_path):
+    """The path for models too large for one device: from_pretrained(device_map="auto") through
+    accelerate (here every layer lands on the CPU) gives the same logits and generation."""
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4)])
+    student.save_pretrained(tmp_path)
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, device_map="auto")
+    ids = torch.randint(0, 120, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(placed(ids).logits, student(ids).logits, atol=1e-6)
+        assert torch.equal(placed.generate(ids, max_new_tokens=4, do_sample=False),
+                           student.generate(ids, max_new_tokens=4, do_sample=False))

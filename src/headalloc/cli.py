@@ -238,7 +238,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
-                         budget_kind=args.budget_kind, seed=args.seed, **kw)
+                         budget_kind=args.budget_kind, seed=args.seed, device_map=args.device_map, dtype=args.dtype,
+                         **kw)
     r = compress(cfg)
     ev = eval_windows(r["tokenizer"], cfg)
     res = {"config": cfg.to_dict(), "plan": r["plan_info"], "distill": r["distill"], "end_to_end": r["kd"],
@@ -261,11 +262,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from headalloc.assets import load_model, token_windows
     from headalloc.evaluation.lm import compare, counts, perplexity
     from headalloc.io import atomic_write_json
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device_map=args.device_map)
     ev = token_windows(tok, args.corpus, "validation", args.length, args.windows, seed=args.seed + 1)
     res = {"model": str(args.model), "perplexity": perplexity(model, ev), **counts(model, args.length),
            "eval": {"corpus": args.corpus, "split": "validation", "windows": args.windows, "length": args.length}}
@@ -273,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{args.length} tokens; attention params {res['params_attention']:,}; KV cache "
           f"{res['kv_bytes_per_token']} bytes/token")
     if args.reference:
-        ref, _ = load_model(args.reference)
+        ref, _ = load_model(args.reference, dtype=getattr(torch, args.dtype), device_map=args.device_map)
         res["reference"] = {"model": args.reference, "perplexity": perplexity(ref, ev), **counts(ref, args.length)}
         long = token_windows(tok, args.corpus, "validation", max(args.contexts), 1, seed=args.seed)
         res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats, batch=args.batch)
@@ -378,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--eval-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-map", default=None,
+                   help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype when loading")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("evaluate", help="perplexity, counts, KV bytes, FLOPs and speed against a reference")
@@ -393,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (share the prompt's cache); tok/s counts all of them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results here (JSON)")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype when loading")
     p.set_defaults(fn=cmd_evaluate)
 
     return ap

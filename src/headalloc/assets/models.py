@@ -84,10 +84,12 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
 
 
 def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, attn_implementation: str | None = None,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, device_map: str | dict | None = None):
     """(model, tokenizer) for a name or directory, offline, in eval mode.
 
     `causal=None` picks AutoModelForCausalLM when the config says it is a decoder, else AutoModel.
+    `device_map` (e.g. "auto") is passed to `from_pretrained`: accelerate places the layers across the
+    available GPUs, then CPU memory, for models too large for one device.
     """
     import headalloc.compression.hf_model  # noqa: F401  (registers the compressed-model classes)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -101,6 +103,8 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
     kwargs = {"local_files_only": True, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

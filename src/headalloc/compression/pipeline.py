@@ -36,6 +36,8 @@ class CompressConfig:
     eval_windows: int = 16
     eval_length: int = 512
     seed: int = 0
+    device_map: str | None = None  # e.g. "auto": accelerate's placement of the teacher (large models)
+    dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,7 +87,7 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
 
     check_budget(cfg.budget, cfg.strategy, cfg.budget_kind)
     if teacher is None:
-        teacher, tok = load_model(cfg.model)
+        teacher, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device_map=cfg.device_map)
     check_llama(teacher)
     t0 = time.time()
     if data is None:
