@@ -11,7 +11,7 @@ SETTINGS = {
     "quick": dict(budgets=[0.5], calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256,
                   step=16, kd_steps=20, kd_windows=8),
     "full": dict(budgets=[0.75, 0.5, 0.25], calib_windows=16, calib_length=256, distill_steps=100, eval_windows=16,
-                 eval_length=512, kd_steps=100, kd_windows=32),
+                 eval_length=512, kd_steps=100, kd_windows=128),
 }
 STRATS = ["uniform", "depth", "measured", "prune-heads"]
 
