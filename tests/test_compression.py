@@ -256,3 +256,20 @@ def test_compressed_model_loads_with_accelerate_device_placement(tmp_path):
         assert torch.allclose(placed(ids).logits, student(ids).logits, atol=1e-6)
         assert torch.equal(placed.generate(ids, max_new_tokens=4, do_sample=False),
                            student.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_plan_grid_matches_the_compressed_model(tmp_path):
+    from headalloc.reports.figures import plan_grid, plot_plan_grid
+
+    model = tiny_llama()
+    plan = [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4, keep_kv=[0, 1], keep_rep=[[0, 2], [1, 2]])]
+    student = compress_llama(model, plan)
+    layers = [lp.to_dict() for lp in plan]
+    qk, v = plan_grid(layers, 2, 3)
+    for row_q, row_v, a, lp in zip(qk, v, student.config.attn_layers, plan):
+        kept = [h for h, w in enumerate(row_q) if w]
+        assert len(kept) == a["n_kv_heads"] * a["n_rep"]
+        assert {row_q[h] for h in kept} == {a["qk_dim"]} and {row_v[h] for h in kept} == {a["v_dim"]}
+    assert [h for h, w in enumerate(qk[1]) if w] == [3, 4, 5]  # kv head 1 keeps query heads 3..5
+    assert [h for h, w in enumerate(qk[2]) if w] == [0, 2, 4, 5]
+    assert plot_plan_grid(layers, 2, 3, 16, tmp_path / "plan.png").exists()

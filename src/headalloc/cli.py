@@ -228,7 +228,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from headalloc.compression.strategies import check_budget
     from headalloc.evaluation.lm import counts, perplexity
     from headalloc.io import atomic_write_json
-    from headalloc.reports.figures import plot_plans
+    from headalloc.reports.figures import plot_plan_grid
 
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
     _check_family(args.model)
@@ -250,8 +250,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_model(r["student"], r["tokenizer"], out, extra=res)
     atomic_write_json(out / "headalloc.json", res)
-    rec = {"cells": {"x": {"budget": cfg.budget, "strategy": cfg.strategy, "plan": r["plan_info"]["layers"]}}}
-    plot_plans(rec, out / "plan.png")
+    tc = r["teacher"].config
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    plot_plan_grid(r["plan_info"]["layers"], tc.num_key_value_heads,
+                   tc.num_attention_heads // tc.num_key_value_heads, hd, out / "plan.png",
+                   f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}")
     t, a = res["teacher"], res["after_distill"]
     print(f"saved {out} (loads with AutoModelForCausalLM.from_pretrained after `import headalloc`)")
     print(f"perplexity: original {t['ppl']:.2f}, compressed {res['before_distill']['ppl']:.2f} -> "

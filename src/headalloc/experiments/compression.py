@@ -93,9 +93,14 @@ def table(rec: dict) -> list[dict]:
 
 
 def plot(rec: dict, out: Path) -> list[Path]:
-    from headalloc.reports.figures import plot_compression, plot_plans
+    from headalloc.reports.figures import plot_compression, plot_plan_grid, plot_plans
 
-    return [plot_compression(rec, out / "ppl_vs_budget.png"), plot_plans(rec, out / "plans.png")]
+    figs = [plot_compression(rec, out / "ppl_vs_budget.png"), plot_plans(rec, out / "plans.png")]
+    for c in rec["cells"].values():
+        if c["strategy"] == "measured" and c["budget"] == 0.5:  # SmolLM2: 3 kv heads x 3 query heads, width 64
+            figs.append(plot_plan_grid(c["plan"], 3, 3, 64, out / "plan_measured_0.5.png",
+                                       "SmolLM2-135M: measured plan at attention-parameter budget 0.5"))
+    return figs
 
 
 register(Experiment(

@@ -275,3 +275,45 @@ def plot_lm_probe(rec: dict, path: Path) -> Path:
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plan_grid(layers: list[dict], n_kv: int, n_rep: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(qk widths, v widths), each layers x original query heads (kv-head-major: head h uses kv head
+    h // n_rep); 0 where the head is removed."""
+    qk, v = [], []
+    for lp in layers:
+        kept_kv = list(range(n_kv)) if lp.get("keep_kv") is None else list(lp["keep_kv"])
+        reps = lp.get("keep_rep") or [list(range(n_rep))] * len(kept_kv)
+        row_q, row_v = [0] * (n_kv * n_rep), [0] * (n_kv * n_rep)
+        for g, rs in zip(kept_kv, reps):
+            for r in rs:
+                row_q[g * n_rep + r], row_v[g * n_rep + r] = lp["qk_dim"], lp["v_dim"]
+        qk.append(row_q)
+        v.append(row_v)
+    return qk, v
+
+
+def plot_plan_grid(layers: list[dict], n_kv: int, n_rep: int, head_dim: int, path: Path, title: str = "") -> Path:
+    """Layers by query heads, before (every head at `head_dim`) and after: kept qk width and v width
+    per head (blank: head removed); vertical lines separate kv groups."""
+    import numpy as np
+
+    qk, v = plan_grid(layers, n_kv, n_rep)
+    before = np.full((len(layers), n_kv * n_rep), head_dim)
+    panels = [("before (qk = v)", before), ("after: qk width", np.array(qk)), ("after: v width", np.array(v))]
+    fig, axes = plt.subplots(1, 3, figsize=(9.0, 0.18 * len(layers) + 2.0), sharey=True)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    for ax, (name, m) in zip(axes, panels):
+        im = ax.imshow(np.ma.masked_equal(m, 0), cmap=cmap, vmin=0, vmax=head_dim, aspect="auto",
+                       interpolation="nearest")
+        for g in range(1, n_kv):
+            ax.axvline(g * n_rep - 0.5, color="k", lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("query head")
+        ax.set_xticks(range(n_kv * n_rep))
+        ax.tick_params(labelsize=6)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="kept width (blank: head removed)")
+    fig.suptitle((title or "Attention plan: layers by heads, before and after")
+                 + "\n(black lines separate the kv-head groups)", fontsize=10)
+    return save_figure(fig, path)
