@@ -273,3 +273,23 @@ def test_plan_grid_matches_the_compressed_model(tmp_path):
     assert [h for h, w in enumerate(qk[1]) if w] == [3, 4, 5]  # kv head 1 keeps query heads 3..5
     assert [h for h, w in enumerate(qk[2]) if w] == [0, 2, 4, 5]
     assert plot_plan_grid(layers, 2, 3, 16, tmp_path / "plan.png").exists()
+
+
+def test_sequential_layerwise_distillation_walks_the_student_residual_stream():
+    """inputs="student": with nothing removed the student's own stream is the teacher's (checked
+    against the inputs the teacher's forward hooks captured), so every layer starts at zero error;
+    with a reduced plan both modes lower every layer's error."""
+    from headalloc.compression.distill import distill_layerwise
+    from headalloc.compression.llama import collect_layer_inputs, identity_plan
+
+    model = tiny_llama()
+    data = collect_layer_inputs(model, torch.randint(0, 120, (3, 20)), keep=True)
+    same = compress_llama(model, identity_plan(model))
+    r = distill_layerwise(model, same, data, steps=0, progress=False, inputs="student")
+    assert max(r["layer_rel_error_before"]) < 1e-10
+    for mode in ("teacher", "student"):
+        student = compress_llama(model, [LayerPlan(4, 4)] * 3, data["cov"])
+        r = distill_layerwise(model, student, data, steps=30, lr=3e-4, progress=False, inputs=mode)
+        assert all(a < b for a, b in zip(r["layer_rel_error_after"], r["layer_rel_error_before"])), mode
+    with pytest.raises(ValueError, match="inputs must be"):
+        distill_layerwise(model, student, data, steps=0, progress=False, inputs="mixed")

@@ -233,8 +233,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
     _check_family(args.model)
     kw = dict(QUICK) if args.quick else {}
-    for k in ("calib_windows", "calib_length", "distill_steps", "kd_steps", "kd_windows", "kd_lr", "kd_train",
-              "eval_windows", "eval_length"):
+    for k in ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
+              "kd_train", "eval_windows", "eval_length"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=None)
     p.add_argument("--calib-length", type=int, default=None)
     p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
+    p.add_argument("--distill-inputs", choices=["teacher", "student"], default=None,
+                   help="layer-local stage on the teacher's inputs (independent layers) or on the student's own, "
+                        "layer after layer (sequential)")
     p.add_argument("--kd-steps", type=int, default=None,
                    help="end-to-end distillation steps after the layer-local stage (0 = skip)")
     p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")

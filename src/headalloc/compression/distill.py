@@ -12,24 +12,44 @@ import torch
 from tqdm.auto import tqdm
 
 
+def _layer_out(layer, h, pe):
+    out = layer(h, attention_mask=None, position_embeddings=pe)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float = 5e-4, seed: int = 0,
-                      progress: bool = True) -> dict:
-    """Fit each student attention layer to the teacher's; returns relative errors before and after."""
+                      progress: bool = True, inputs: str = "teacher") -> dict:
+    """Fit each student attention layer to the teacher's; returns relative errors before and after.
+
+    `inputs="teacher"`: every layer sees the teacher's own inputs (layers independent).
+    `inputs="student"`: layers are fitted in order, each on the inputs the already-fitted student
+    layers below it produce (targets stay the teacher's outputs), so a layer learns to absorb the
+    drift of the layers before it (the sequential mode of GPTQ-style calibration)."""
+    if inputs not in ("teacher", "student"):
+        raise ValueError(f"inputs must be 'teacher' or 'student'; got {inputs!r}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     n = len(data["pos"])
     before, after = [], []
+    hs = None
+    if inputs == "student":
+        with torch.no_grad():
+            hs = [student.model.embed_tokens(w[None]) for w in data["windows"]]
     for l in tqdm(range(len(student.model.layers)), desc="distilling layers", disable=not progress):
         t_attn, s_attn = teacher.model.layers[l].self_attn, student.model.layers[l].self_attn
         with torch.no_grad():
             targets = [t_attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
                        for X, pe in zip(data["inputs"][l], data["pos"])]
             norm = torch.stack([t.square().mean() for t in targets]).mean()
+            if hs is not None:
+                xs = [student.model.layers[l].input_layernorm(h) for h in hs]
+            else:
+                xs = data["inputs"][l]
 
         def rel_err() -> float:
             with torch.no_grad():
                 return float(sum((s_attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0] - y)
-                                 .square().mean() for X, pe, y in zip(data["inputs"][l], data["pos"], targets))
+                                 .square().mean() for X, pe, y in zip(xs, data["pos"], targets))
                              / n / norm)
 
         before.append(rel_err())
@@ -40,8 +60,7 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
             opt = torch.optim.Adam(params, lr=lr)
             for _ in range(steps):
                 i = int(torch.randint(0, n, (1,), generator=g))
-                y = s_attn(hidden_states=data["inputs"][l][i], position_embeddings=data["pos"][i],
-                           attention_mask=None)[0]
+                y = s_attn(hidden_states=xs[i], position_embeddings=data["pos"][i], attention_mask=None)[0]
                 loss = (y - targets[i]).square().mean() / norm
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation loss became {loss.item()} in layer {l}; lower lr (now {lr})")
@@ -51,7 +70,11 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
             for p in params:
                 p.requires_grad_(False)
         after.append(rel_err())
-    return {"layer_rel_error_before": before, "layer_rel_error_after": after, "steps_per_layer": steps, "lr": lr}
+        if hs is not None:
+            with torch.no_grad():
+                hs = [_layer_out(student.model.layers[l], h, pe) for h, pe in zip(hs, data["pos"])]
+    return {"layer_rel_error_before": before, "layer_rel_error_after": after, "steps_per_layer": steps, "lr": lr,
+            "inputs": inputs}
 
 
 @torch.no_grad()

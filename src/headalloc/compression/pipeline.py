@@ -25,6 +25,7 @@ class CompressConfig:
     calib_length: int = 256
     distill_steps: int = 100  # per layer, same for every strategy
     distill_lr: float = 5e-4
+    distill_inputs: str = "teacher"  # layer-local stage on the teacher's inputs, or "student" (sequential)
     # then end-to-end: attention projections fitted to the teacher's next-token distributions (top-k)
     kd_steps: int = 100  # 0 = layer-local only; same for every strategy
     kd_lr: float = 3e-4
@@ -99,7 +100,8 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
     t_plan = time.time() - t0
     undistilled = copy.deepcopy(student)  # kept to report perplexity before distillation
     t1 = time.time()
-    dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress)
+    dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress,
+                             inputs=cfg.distill_inputs)
     t_layer = time.time() - t1
     kd, stage = None, None
     if cfg.kd_steps > 0:
