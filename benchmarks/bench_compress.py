@@ -37,11 +37,13 @@ def main():
     ap.add_argument("--kd-train", choices=("attention", "layers"), default=None,
                     help="end-to-end stage trains attention only or every decoder-layer weight")
     ap.add_argument("--distill-steps", type=int, default=None, help="override the layer-local steps per layer")
+    ap.add_argument("--kd-tail", action="store_true", default=None,
+                    help="end-to-end loss with the teacher's mass outside its top k as one extra bucket")
     ap.add_argument("--distill-inputs", choices=("teacher", "student"), default=None,
                     help="layer-local stage on the teacher's inputs or the student's own (sequential)")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
-    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "distill_steps", "distill_inputs"):
+    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "kd_tail", "distill_steps", "distill_inputs"):
         if getattr(a, k) is not None:
             kw[k] = getattr(a, k)
     if a.speed_only:
@@ -55,7 +57,7 @@ def main():
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets, training {cfg.kd_train}) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets{' + tail bucket' if cfg.kd_tail else ''}, training {cfg.kd_train}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     models = {}
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):

@@ -293,3 +293,44 @@ def test_sequential_layerwise_distillation_walks_the_student_residual_stream():
         assert all(a < b for a, b in zip(r["layer_rel_error_after"], r["layer_rel_error_before"])), mode
     with pytest.raises(ValueError, match="inputs must be"):
         distill_layerwise(model, student, data, steps=0, progress=False, inputs="mixed")
+
+
+def test_topk_distill_loss_with_tail_bucket_is_kl_of_the_coarsened_distributions():
+    """k tokens + one "rest" bucket: equals KL + entropy computed on explicitly coarsened teacher and
+    student distributions (k+1 outcomes), and is minimised by the teacher itself, unlike the
+    renormalised top-k loss, which prefers a student with no tail."""
+    from headalloc.compression.distill import teacher_topk, topk_distill_loss
+
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(5, 30), torch.randn(5, 30)
+    p, q = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
+    top = p.topk(6, -1)
+    tail = 1 - top.values.sum(-1)
+    got = topk_distill_loss(s_logits, top.indices, top.values / top.values.sum(-1, keepdim=True), tail)
+    pc = torch.cat([top.values, tail[:, None]], -1)
+    qk = q.gather(-1, top.indices)
+    qc = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
+    expect = (torch.nn.functional.kl_div(qc.log(), pc, reduction="batchmean") - (pc * pc.log()).sum(-1).mean())
+    assert torch.allclose(got, expect, atol=1e-5)
+    renorm = top.values / top.values.sum(-1, keepdim=True)
+    at_teacher = topk_distill_loss(t_logits, top.indices, renorm, tail)
+    sharper = t_logits.scatter_add(-1, top.indices, torch.full_like(top.values, 3.0))  # less mass outside top k
+    assert at_teacher < topk_distill_loss(sharper, top.indices, renorm, tail)
+    assert topk_distill_loss(sharper, top.indices, renorm) < topk_distill_loss(t_logits, top.indices, renorm)
+    # teacher_topk stores the tail it removed
+    model = tiny_llama()
+    w = torch.randint(0, 120, (2, 10))
+    tk = teacher_topk(model, w, k=8, progress=False)
+    with torch.no_grad():
+        full = torch.softmax(model(input_ids=w).logits, -1)
+    assert torch.allclose(tk["tail"], 1 - full.topk(8, -1).values.sum(-1), atol=1e-6)
+
+
+def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    w = torch.randint(0, 120, (6, 24))
+    r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True)
+    assert r["tail"] and r["loss_after"] < r["loss_before"]

@@ -234,7 +234,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_family(args.model)
     kw = dict(QUICK) if args.quick else {}
     for k in ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
-              "kd_train", "eval_windows", "eval_length"):
+              "kd_train", "kd_tail", "eval_windows", "eval_length"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end distillation steps after the layer-local stage (0 = skip)")
     p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
     p.add_argument("--kd-lr", type=float, default=None)
+    p.add_argument("--kd-tail", action="store_true", default=None,
+                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket")
     p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
                    help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
     p.add_argument("--eval-windows", type=int, default=None)

@@ -81,29 +81,44 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
 def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = True) -> dict:
     """The teacher's top-k next-token probabilities on every position of `windows` (n, T), renormalised
     over the k tokens: a few MB instead of full-vocabulary logits, so distillation steps need no
-    teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "mass": mean top-k mass}."""
-    ids, probs, mass = [], [], []
+    teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability
+    outside the top k, "mass": mean top-k mass}."""
+    ids, probs, mass, tail = [], [], [], []
     for w in tqdm(windows, desc="teacher top-k", disable=not progress, leave=False):
         p = torch.softmax(teacher(input_ids=w[None]).logits[0].float(), -1)
         top = p.topk(k, dim=-1)
         mass.append(top.values.sum(-1))
+        tail.append((1 - top.values.sum(-1)).clamp_min(0))
         ids.append(top.indices)
         probs.append(top.values / top.values.sum(-1, keepdim=True))
-    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "mass": float(torch.cat(mass).mean()), "k": k}
+    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "tail": torch.stack(tail),
+            "mass": float(torch.cat(mass).mean()), "k": k}
 
 
-def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student against the teacher's renormalised top-k distribution, per token
-    (mean). With k = vocabulary size this is KL(teacher || student) + the teacher's entropy."""
+def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                      tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's top-k distribution, per token (mean).
+
+    Without `tail`: against the top k renormalised, which pushes the student to put no mass outside
+    them. With `tail` (the teacher's probability outside its top k): against the k tokens plus one
+    "rest" bucket, i.e. KL(teacher || student) + H(teacher) on that coarsened distribution, which
+    leaves the student's tail to match the teacher's. With k = vocabulary size both are
+    KL(teacher || student) + the teacher's entropy."""
     logq = torch.log_softmax(logits.float(), -1)
-    return -(probs * logq.gather(-1, ids)).sum(-1).mean()
+    logq_k = logq.gather(-1, ids)
+    if tail is None:
+        return -(probs * logq_k).sum(-1).mean()
+    p_k = probs * (1 - tail).unsqueeze(-1)
+    rest = torch.log((1 - logq_k.exp().sum(-1)).clamp_min(1e-9))
+    return -((p_k * logq_k).sum(-1) + tail * rest).mean()
 
 
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
-                       report_windows: int = 4, train: str = "attention") -> dict:
+                       report_windows: int = 4, train: str = "attention", tail: bool = False) -> dict:
     """Fine-tune the student's attention projections (`train="attention"`, everything else frozen; or
     `train="layers"`: every weight of the decoder layers, embeddings and output head frozen) to match the teacher's
+    (`tail`: with the teacher's mass outside its top k as one extra bucket, see `topk_distill_loss`)
     next-token distributions on `windows` (calibration text), through the whole network, so errors that
     layer-local fitting leaves to accumulate across layers are corrected. Adam, linear warm-up over the
     first 10% of steps, cosine decay to 10%. Returns the distillation loss before and after (on the
@@ -124,11 +139,15 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         p.requires_grad_(False)
 
     n_report = min(len(windows), report_windows)
+    if tail and "tail" not in targets:
+        raise ValueError("tail=True needs targets with the teacher's tail mass (from teacher_topk)")
+    tails = targets["tail"] if tail else None
 
     @torch.no_grad()
     def full_loss() -> float:  # on the first `report_windows` windows (a progress report, not an evaluation)
         return float(sum(topk_distill_loss(student(input_ids=windows[i][None]).logits[0], targets["ids"][i],
-                                           targets["probs"][i]) for i in range(n_report)) / n_report)
+                                           targets["probs"][i], tails[i] if tails is not None else None)
+                         for i in range(n_report)) / n_report)
 
     was_training = student.training
     student.eval()  # no dropout in LLaMA anyway; keeps the decode/prefill code paths as in use
@@ -143,7 +162,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(windows), (batch,), generator=g)
         logits = student(input_ids=windows[idx]).logits
-        loss = topk_distill_loss(logits, targets["ids"][idx], targets["probs"][idx])
+        loss = topk_distill_loss(logits, targets["ids"][idx], targets["probs"][idx],
+                                 tails[idx] if tails is not None else None)
         if not torch.isfinite(loss):
             raise RuntimeError(f"end-to-end distillation loss became {loss.item()} at step {step}; lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
@@ -156,6 +176,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         p.requires_grad_(True)
     after = full_loss()
     student.train(was_training)
-    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k, "train": train,
+    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k, "train": train, "tail": tail,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": targets["mass"], "train_curve": curve}

@@ -33,6 +33,7 @@ class CompressConfig:
     kd_length: int = 256
     kd_batch: int = 1
     kd_topk: int = 32
+    kd_tail: bool = False  # top-k targets plus one bucket for the teacher's remaining mass
     kd_train: str = "attention"  # or "layers": every decoder-layer weight (attention, MLP, norms)
     eval_windows: int = 16
     eval_length: int = 512
@@ -109,7 +110,7 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
             stage = copy.deepcopy(student)
         w, targets = kd_targets(teacher, tok, cfg, data, progress)
         kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk, cfg.seed,
-                                progress, targets=targets, train=cfg.kd_train)
+                                progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail)
         kd.pop("train_curve")
     return {"kd": kd, "seconds_layerwise": t_layer, "after_layerwise": stage, "student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
             "plan_info": {**plan_info, **{k: v for k, v in info.items() if k != "head_energy"}},
