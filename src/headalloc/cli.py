@@ -227,7 +227,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from headalloc.compression.pipeline import QUICK, CompressConfig, compress, eval_windows, save_model
     from headalloc.compression.strategies import check_budget
     from headalloc.evaluation.lm import counts, perplexity
-    from headalloc.io import atomic_write_json
+    from headalloc.compression.llama import head_dim_of
     from headalloc.reports.figures import plot_plan_grid
 
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
@@ -248,12 +248,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
            "after_distill": {**perplexity(r["student"], ev, desc="compressed ppl"), **counts(r["student"])},
            "seconds_plan": r["seconds_plan"], "seconds_distill": r["seconds_distill"]}
     out = Path(args.out)
-    save_model(r["student"], r["tokenizer"], out, extra=res)
-    atomic_write_json(out / "headalloc.json", res)
+    save_model(r["student"], r["tokenizer"], out, extra=res)  # writes headalloc.json inside the atomic folder
     tc = r["teacher"].config
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     plot_plan_grid(r["plan_info"]["layers"], tc.num_key_value_heads,
-                   tc.num_attention_heads // tc.num_key_value_heads, hd, out / "plan.png",
+                   tc.num_attention_heads // tc.num_key_value_heads, head_dim_of(tc), out / "plan.png",
                    f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}")
     t, a = res["teacher"], res["after_distill"]
     print(f"saved {out} (loads with AutoModelForCausalLM.from_pretrained after `import headalloc`)")
@@ -295,6 +293,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_json(args.out, res)
     return 0
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", default=None,
+                   help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype when loading")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,10 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--eval-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device-map", default=None,
-                   help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype when loading")
+    _add_load_args(p)
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("evaluate", help="perplexity, counts, KV bytes, FLOPs and speed against a reference")
@@ -408,10 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (share the prompt's cache); tok/s counts all of them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results here (JSON)")
-    p.add_argument("--device-map", default=None,
-                   help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype when loading")
+    _add_load_args(p)
     p.set_defaults(fn=cmd_evaluate)
 
     return ap

@@ -116,11 +116,11 @@ def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tens
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False) -> dict:
-    """Fine-tune the student's attention projections (`train="attention"`, everything else frozen; or
-    `train="layers"`: every weight of the decoder layers, embeddings and output head frozen) to match the teacher's
-    (`tail`: with the teacher's mass outside its top k as one extra bucket, see `topk_distill_loss`)
-    next-token distributions on `windows` (calibration text), through the whole network, so errors that
-    layer-local fitting leaves to accumulate across layers are corrected. Adam, linear warm-up over the
+    """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
+    text), through the whole network, so errors that layer-local fitting leaves to accumulate across
+    layers are corrected. `train="attention"`: only the attention projections move; `train="layers"`:
+    every decoder-layer weight (embeddings and output head stay frozen). `tail`: the loss keeps the
+    teacher's mass outside its top k as one extra bucket (see `topk_distill_loss`). Adam, linear warm-up over the
     first 10% of steps, cosine decay to 10%. Returns the distillation loss before and after (on the
     first `report_windows` windows) and the settings."""
     import math
@@ -176,6 +176,7 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         p.requires_grad_(True)
     after = full_loss()
     student.train(was_training)
-    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k, "train": train, "tail": tail,
+    return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
+            "train": train, "tail": tail,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": targets["mass"], "train_curve": curve}
