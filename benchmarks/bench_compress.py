@@ -37,8 +37,9 @@ def main():
     ap.add_argument("--kd-train", choices=("attention", "layers"), default=None,
                     help="end-to-end stage trains attention only or every decoder-layer weight")
     ap.add_argument("--distill-steps", type=int, default=None, help="override the layer-local steps per layer")
-    ap.add_argument("--kd-tail", action="store_true", default=None,
-                    help="end-to-end loss with the teacher's mass outside its top k as one extra bucket")
+    ap.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
+                    help="end-to-end loss with the teacher's mass outside its top k as one extra bucket (default "
+                         "on; --no-kd-tail: renormalised top-k)")
     ap.add_argument("--distill-inputs", choices=("teacher", "student"), default=None,
                     help="layer-local stage on the teacher's inputs or the student's own (sequential)")
     a = ap.parse_args()

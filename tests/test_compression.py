@@ -334,3 +334,14 @@ def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
     w = torch.randint(0, 120, (6, 24))
     r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True)
     assert r["tail"] and r["loss_after"] < r["loss_before"]
+
+
+def test_compress_cli_kd_tail_flag_defaults_on_and_can_be_turned_off():
+    from headalloc.cli import build_parser
+    from headalloc.compression.pipeline import CompressConfig
+
+    ap = build_parser()
+    assert ap.parse_args(["compress"]).kd_tail is None  # left to CompressConfig's default
+    assert CompressConfig().kd_tail is True
+    assert ap.parse_args(["compress", "--kd-tail"]).kd_tail is True
+    assert ap.parse_args(["compress", "--no-kd-tail"]).kd_tail is False

@@ -387,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end distillation steps after the layer-local stage (0 = skip)")
     p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
     p.add_argument("--kd-lr", type=float, default=None)
-    p.add_argument("--kd-tail", action="store_true", default=None,
-                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket")
+    p.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
+                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket "
+                        "(default on; --no-kd-tail: renormalised top-k)")
     p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
                    help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
     p.add_argument("--eval-windows", type=int, default=None)
