@@ -40,11 +40,13 @@ def main():
     ap.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
                     help="end-to-end loss with the teacher's mass outside its top k as one extra bucket (default "
                          "on; --no-kd-tail: renormalised top-k)")
+    ap.add_argument("--kd-hidden", type=float, default=None,
+                    help="weight of a per-layer hidden-state term in the end-to-end loss (0: off)")
     ap.add_argument("--distill-inputs", choices=("teacher", "student"), default=None,
                     help="layer-local stage on the teacher's inputs or the student's own (sequential)")
     a = ap.parse_args()
     kw = {} if a.full else dict(QUICK)
-    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "kd_tail", "distill_steps", "distill_inputs"):
+    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "kd_tail", "kd_hidden", "distill_steps", "distill_inputs"):
         if getattr(a, k) is not None:
             kw[k] = getattr(a, k)
     if a.speed_only:
@@ -58,7 +60,7 @@ def main():
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets{' + tail bucket' if cfg.kd_tail else ''}, training {cfg.kd_train}) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets{' + tail bucket' if cfg.kd_tail else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}, training {cfg.kd_train}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     models = {}
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):

@@ -345,3 +345,37 @@ def test_compress_cli_kd_tail_flag_defaults_on_and_can_be_turned_off():
     assert CompressConfig().kd_tail is True
     assert ap.parse_args(["compress", "--kd-tail"]).kd_tail is True
     assert ap.parse_args(["compress", "--no-kd-tail"]).kd_tail is False
+
+
+def test_hidden_state_loss_is_zero_at_the_teacher_and_matches_a_direct_computation():
+    from headalloc.compression.distill import hidden_state_loss
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    w = torch.randint(0, 120, (2, 12))
+    with torch.no_grad():
+        t = model(input_ids=w, output_hidden_states=True).hidden_states
+        s = student(input_ids=w, output_hidden_states=True).hidden_states
+    assert len(t) == len(s) == 4  # embeddings + 3 layers
+    assert float(hidden_state_loss(t, t)) == 0.0
+    direct = sum(float(((a - b).norm(dim=-1) ** 2 / b.norm(dim=-1) ** 2).mean()) for a, b in zip(s[1:], t[1:])) / 3
+    assert abs(float(hidden_state_loss(s, t)) - direct) < 1e-5 and direct > 0
+
+
+def test_end_to_end_distillation_with_hidden_states_lowers_both_terms():
+    from headalloc.compression.distill import distill_end_to_end, hidden_state_loss
+
+    model = tiny_llama()
+    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    w = torch.randint(0, 120, (6, 24))
+
+    def hid():
+        with torch.no_grad():
+            return float(hidden_state_loss(student(input_ids=w, output_hidden_states=True).hidden_states,
+                                           model(input_ids=w, output_hidden_states=True).hidden_states))
+
+    h0 = hid()
+    r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True, hidden_weight=1.0)
+    assert r["hidden_weight"] == 1.0 and r["loss_after"] < r["loss_before"] and hid() < h0
+    with pytest.raises(ValueError, match="hidden_weight"):
+        distill_end_to_end(model, student, w, steps=1, hidden_weight=-1.0, progress=False)

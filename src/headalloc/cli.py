@@ -234,7 +234,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_family(args.model)
     kw = dict(QUICK) if args.quick else {}
     for k in ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
-              "kd_train", "kd_tail", "eval_windows", "eval_length"):
+              "kd_train", "kd_tail", "kd_hidden", "eval_windows", "eval_length"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on; --no-kd-tail: renormalised top-k)")
     p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
                    help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
+    p.add_argument("--kd-hidden", type=float, default=None,
+                   help="weight of a term matching every layer's hidden states to the teacher's in the end-to-end "
+                        "stage (default 0: off; costs a teacher forward per step)")
     p.add_argument("--eval-windows", type=int, default=None)
     p.add_argument("--eval-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

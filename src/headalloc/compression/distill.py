@@ -113,20 +113,33 @@ def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tens
     return -((p_k * logq_k).sum(-1) + tail * rest).mean()
 
 
+def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2, each decoder layer's output (the
+    embedding output, identical in both, is skipped). Per-token normalisation keeps the few tokens
+    with very large residual norms from dominating."""
+    terms = [((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
+             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
-                       report_windows: int = 4, train: str = "attention", tail: bool = False) -> dict:
+                       report_windows: int = 4, train: str = "attention", tail: bool = False,
+                       hidden_weight: float = 0.0) -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
     layers are corrected. `train="attention"`: only the attention projections move; `train="layers"`:
     every decoder-layer weight (embeddings and output head stay frozen). `tail`: the loss keeps the
     teacher's mass outside its top k as one extra bucket (see `topk_distill_loss`). Adam, linear warm-up over the
-    first 10% of steps, cosine decay to 10%. Returns the distillation loss before and after (on the
-    first `report_windows` windows) and the settings."""
+    first 10% of steps, cosine decay to 10%. `hidden_weight` > 0 adds that weight times
+    `hidden_state_loss` (every layer's output against the teacher's, from a teacher forward each
+    step). Returns the distillation loss before and after (on the first `report_windows` windows;
+    the next-token term only) and the settings."""
     import math
 
-    if steps < 0 or batch < 1 or k < 1:
-        raise ValueError(f"steps must be >= 0, batch >= 1 and k >= 1; got steps={steps}, batch={batch}, k={k}")
+    if steps < 0 or batch < 1 or k < 1 or hidden_weight < 0:
+        raise ValueError(f"steps must be >= 0, batch >= 1, k >= 1 and hidden_weight >= 0; got steps={steps}, "
+                         f"batch={batch}, k={k}, hidden_weight={hidden_weight}")
     targets = targets or teacher_topk(teacher, windows, k, progress)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -161,9 +174,13 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(windows), (batch,), generator=g)
-        logits = student(input_ids=windows[idx]).logits
-        loss = topk_distill_loss(logits, targets["ids"][idx], targets["probs"][idx],
+        out = student(input_ids=windows[idx], output_hidden_states=hidden_weight > 0)
+        loss = topk_distill_loss(out.logits, targets["ids"][idx], targets["probs"][idx],
                                  tails[idx] if tails is not None else None)
+        if hidden_weight > 0:
+            with torch.no_grad():
+                t_hidden = teacher(input_ids=windows[idx], output_hidden_states=True).hidden_states
+            loss = loss + hidden_weight * hidden_state_loss(out.hidden_states, t_hidden)
         if not torch.isfinite(loss):
             raise RuntimeError(f"end-to-end distillation loss became {loss.item()} at step {step}; lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
@@ -177,6 +194,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     after = full_loss()
     student.train(was_training)
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
-            "train": train, "tail": tail,
+            "train": train, "tail": tail, "hidden_weight": hidden_weight,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": targets["mass"], "train_curve": curve}

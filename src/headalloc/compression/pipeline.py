@@ -38,6 +38,7 @@ class CompressConfig:
     kd_tail: bool = True  # top-k targets plus one bucket for the teacher's remaining mass (full settings,
     # 100 steps over 128 windows: 19.26 vs 20.10 renormalised, measured at 0.5; see docs/compression.md)
     kd_train: str = "attention"  # or "layers": every decoder-layer weight (attention, MLP, norms)
+    kd_hidden: float = 0.0  # > 0: add this weight x every layer's relative hidden-state error (teacher forward per step)
     eval_windows: int = 16
     eval_length: int = 512
     seed: int = 0
@@ -113,7 +114,8 @@ def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = No
             stage = copy.deepcopy(student)
         w, targets = kd_targets(teacher, tok, cfg, data, progress)
         kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk, cfg.seed,
-                                progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail)
+                                progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
+                                hidden_weight=cfg.kd_hidden)
         kd.pop("train_curve")
     return {"kd": kd, "seconds_layerwise": t_layer, "after_layerwise": stage, "student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
             "plan_info": {**plan_info, **{k: v for k, v in info.items() if k != "head_energy"}},
