@@ -6,14 +6,15 @@ speed of the `measured` model against the original at 1024 and 4096 tokens of co
 side by side (interleaved) next to the speed-up its FLOP count predicts.
 
     .venv/bin/python benchmarks/bench_compress.py            # quick settings (about 15 minutes)
-    .venv/bin/python benchmarks/bench_compress.py --full     # the settings of `reproduce` (full)
+    .venv/bin/python benchmarks/bench_compress.py --full     # `headalloc compress`'s defaults (about 17 min a strategy)
 """
 
 import argparse
 import time
 
 from headalloc.assets import load_model, token_windows
-from headalloc.compression.pipeline import QUICK, CompressConfig, calibration, compress, eval_windows
+from headalloc.cli import add_setting_args, settings_from_args
+from headalloc.compression.pipeline import CompressConfig, calibration, compress, eval_windows
 from headalloc.evaluation.lm import compare, counts, perplexity
 
 
@@ -31,24 +32,9 @@ def main():
     ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
     ap.add_argument("--strategies", default="uniform,depth,prune-heads,measured",
                     help="comma-separated subset (the settings are seeded, so runs are comparable)")
-    ap.add_argument("--kd-steps", type=int, default=None, help="override the end-to-end distillation steps")
-    ap.add_argument("--kd-windows", type=int, default=None, help="override the end-to-end distillation windows")
-    ap.add_argument("--kd-lr", type=float, default=None, help="override the end-to-end distillation lr")
-    ap.add_argument("--kd-train", choices=("attention", "layers"), default=None,
-                    help="end-to-end stage trains attention only or every decoder-layer weight")
-    ap.add_argument("--distill-steps", type=int, default=None, help="override the layer-local steps per layer")
-    ap.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
-                    help="end-to-end loss with the teacher's mass outside its top k as one extra bucket (default "
-                         "on; --no-kd-tail: renormalised top-k)")
-    ap.add_argument("--kd-hidden", type=float, default=None,
-                    help="weight of a per-layer hidden-state term in the end-to-end loss (0: off)")
-    ap.add_argument("--distill-inputs", choices=("teacher", "student"), default=None,
-                    help="layer-local stage on the teacher's inputs or the student's own (sequential)")
+    add_setting_args(ap)
     a = ap.parse_args()
-    kw = {} if a.full else dict(QUICK)
-    for k in ("kd_steps", "kd_windows", "kd_lr", "kd_train", "kd_tail", "kd_hidden", "distill_steps", "distill_inputs"):
-        if getattr(a, k) is not None:
-            kw[k] = getattr(a, k)
+    kw = settings_from_args(a, quick=not a.full)
     if a.speed_only:
         kw.update(distill_steps=0, kd_steps=0)
     teacher, tok = load_model("smollm2")

@@ -224,7 +224,7 @@ def _check_family(name: str) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from headalloc.compression.pipeline import QUICK, CompressConfig, compress, eval_windows, save_model
+    from headalloc.compression.pipeline import CompressConfig, compress, eval_windows, save_model
     from headalloc.compression.strategies import check_budget
     from headalloc.evaluation.lm import counts, perplexity
     from headalloc.compression.llama import head_dim_of
@@ -232,11 +232,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
     _check_family(args.model)
-    kw = dict(QUICK) if args.quick else {}
-    for k in ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
-              "kd_train", "kd_tail", "kd_hidden", "eval_windows", "eval_length"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
+    kw = settings_from_args(args, args.quick)
     cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
                          budget_kind=args.budget_kind, seed=args.seed, device_map=args.device_map, dtype=args.dtype,
                          **kw)
@@ -293,6 +289,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_json(args.out, res)
     return 0
+
+
+def add_setting_args(p: argparse.ArgumentParser) -> None:
+    """The calibration, distillation and evaluation flags (shared by `headalloc compress` and the
+    benchmark); each defaults to None, meaning "keep CompressConfig's (or QUICK's) value"."""
+    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--calib-length", type=int, default=None)
+    p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
+    p.add_argument("--distill-inputs", choices=["teacher", "student"], default=None,
+                   help="layer-local stage on the teacher's inputs (independent layers) or on the student's own, "
+                        "layer after layer (sequential)")
+    p.add_argument("--kd-steps", type=int, default=None,
+                   help="end-to-end distillation steps after the layer-local stage (0 = skip)")
+    p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
+    p.add_argument("--kd-lr", type=float, default=None)
+    p.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
+                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket "
+                        "(default on; --no-kd-tail: renormalised top-k)")
+    p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
+                   help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
+    p.add_argument("--kd-hidden", type=float, default=None,
+                   help="weight of a term matching every layer's hidden states to the teacher's in the end-to-end "
+                        "stage (default 0: off; costs a teacher forward per step)")
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--eval-length", type=int, default=None)
+
+
+SETTING_KEYS = ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
+                "kd_tail", "kd_train", "kd_hidden", "eval_windows", "eval_length")
+
+
+def settings_from_args(args, quick: bool) -> dict:
+    """CompressConfig keyword arguments: QUICK (if `quick`) overridden by every flag given."""
+    from headalloc.compression.pipeline import QUICK
+
+    kw = dict(QUICK) if quick else {}
+    kw.update({k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k) is not None})
+    return kw
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -377,26 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the budget counts: attention parameters or KV-cache bytes per token")
     p.add_argument("--out", default="results/compressed", help="folder for the saved model")
     p.add_argument("--quick", action="store_true", help="smaller calibration, distillation and evaluation")
-    p.add_argument("--calib-windows", type=int, default=None)
-    p.add_argument("--calib-length", type=int, default=None)
-    p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
-    p.add_argument("--distill-inputs", choices=["teacher", "student"], default=None,
-                   help="layer-local stage on the teacher's inputs (independent layers) or on the student's own, "
-                        "layer after layer (sequential)")
-    p.add_argument("--kd-steps", type=int, default=None,
-                   help="end-to-end distillation steps after the layer-local stage (0 = skip)")
-    p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
-    p.add_argument("--kd-lr", type=float, default=None)
-    p.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
-                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket "
-                        "(default on; --no-kd-tail: renormalised top-k)")
-    p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
-                   help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
-    p.add_argument("--kd-hidden", type=float, default=None,
-                   help="weight of a term matching every layer's hidden states to the teacher's in the end-to-end "
-                        "stage (default 0: off; costs a teacher forward per step)")
-    p.add_argument("--eval-windows", type=int, default=None)
-    p.add_argument("--eval-length", type=int, default=None)
+    add_setting_args(p)
     p.add_argument("--seed", type=int, default=0)
     _add_load_args(p)
     p.set_defaults(fn=cmd_compress)

@@ -83,16 +83,16 @@ def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = T
     over the k tokens: a few MB instead of full-vocabulary logits, so distillation steps need no
     teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability
     outside the top k, "mass": mean top-k mass}."""
-    ids, probs, mass, tail = [], [], [], []
+    ids, probs, tail = [], [], []
     for w in tqdm(windows, desc="teacher top-k", disable=not progress, leave=False):
         p = torch.softmax(teacher(input_ids=w[None]).logits[0].float(), -1)
         top = p.topk(k, dim=-1)
-        mass.append(top.values.sum(-1))
-        tail.append((1 - top.values.sum(-1)).clamp_min(0))
+        kept = top.values.sum(-1, keepdim=True)
+        tail.append((1 - kept[..., 0]).clamp_min(0))
         ids.append(top.indices)
-        probs.append(top.values / top.values.sum(-1, keepdim=True))
-    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "tail": torch.stack(tail),
-            "mass": float(torch.cat(mass).mean()), "k": k}
+        probs.append(top.values / kept)
+    tail = torch.stack(tail)
+    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "tail": tail, "mass": float(1 - tail.mean()), "k": k}
 
 
 def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
