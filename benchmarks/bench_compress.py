@@ -13,15 +13,17 @@ import argparse
 import time
 
 from headalloc.assets import load_model, token_windows
-from headalloc.cli import add_setting_args, settings_from_args
-from headalloc.compression.pipeline import CompressConfig, calibration, compress, eval_windows
+from dataclasses import replace
+
+from headalloc.compression.pipeline import calibration, compress, eval_windows
+from headalloc.compression.settings import add_config_args, config_from_args, preset
+from headalloc.compression.strategies import STRATEGIES
 from headalloc.evaluation.lm import compare, counts, perplexity
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--full", action="store_true", help="`headalloc compress`'s default settings (else the quick preset)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="speed: best of this many interleaved runs")
     ap.add_argument("--batches", default="1,8",
@@ -30,15 +32,14 @@ def main():
                     help="only the measured model's plan (no distillation: speed does not depend on weight values): "
                          "KV cache and speed")
     ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
-    ap.add_argument("--strategies", default="uniform,depth,prune-heads,measured",
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
                     help="comma-separated subset (the settings are seeded, so runs are comparable)")
-    add_setting_args(ap)
+    add_config_args(ap, exclude=("strategy",))
     a = ap.parse_args()
-    kw = settings_from_args(a, quick=not a.full)
+    cfg = config_from_args(a, base=preset("default" if a.full else "quick")).validate()
     if a.speed_only:
-        kw.update(distill_steps=0, kd_steps=0)
-    teacher, tok = load_model("smollm2")
-    cfg = CompressConfig(budget=a.budget, **kw)
+        cfg = replace(cfg, distill_steps=0, kd_steps=0)
+    teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
     data = calibration(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
     t_ppl = perplexity(teacher, ev, progress=False)["ppl"]
@@ -51,16 +52,15 @@ def main():
     models = {}
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
         t0 = time.time()
-        r = compress(CompressConfig(budget=a.budget, strategy=strat, **kw), teacher, tok, data, progress=False,
-                     keep_stages=True)
-        p = perplexity(r["student"], ev, progress=False)["ppl"]
-        mid = ""
-        if r["after_layerwise"] is not None:
-            mid = f"after layer-local only {perplexity(r['after_layerwise'], ev, progress=False)['ppl']:7.2f}; "
-        models[strat] = r["student"]
+        r = compress(teacher, tokenizer=tok, config=replace(cfg, strategy=strat), calibration_data=data,
+                     progress=False, keep_stages=True)
+        m = r.metrics
+        p = m["after_distill"]["ppl"]
+        mid = f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else ""
+        models[strat] = r.model
         print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   "
-              f"[{time.time() - t0:.0f} s: plan {r['seconds_plan']:.0f}, layer-local {r['seconds_layerwise']:.0f}, "
-              f"end-to-end {r['seconds_distill'] - r['seconds_layerwise']:.0f}, rest evaluation]", flush=True)
+              f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
+              f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
     if a.no_speed:
         return
     if "measured" not in models:

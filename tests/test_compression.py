@@ -6,8 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import headalloc  # noqa: F401  (registers the compressed model classes)
-from headalloc.compression.llama import (LayerPlan, collect_layer_inputs, compress_llama, identity_plan,
-                                         pair_importance)
+from headalloc.compression.calibration import collect
+from headalloc.compression.families import adapter_for
+from headalloc.compression.reduce import Geometry, compress_model, identity_plan, pair_importance
+from headalloc.compression.spec import LayerPlan
 
 
 def tiny_llama(seed=0):
@@ -21,8 +23,8 @@ def tiny_llama(seed=0):
 def test_keep_everything_reproduces_the_original_logits():
     model = tiny_llama()
     ids = torch.randint(0, 120, (2, 30))
-    cov = collect_layer_inputs(model, ids, keep=False)["cov"]
-    student = compress_llama(model, identity_plan(model), cov)
+    cal = collect(model, ids, keep=False)
+    student = compress_model(model, identity_plan(model), cal)
     with torch.no_grad():
         assert torch.allclose(student(ids).logits, model(ids).logits, atol=1e-4)
 
@@ -31,12 +33,12 @@ def test_round_trip_through_save_pretrained(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 120, (1, 25))
     plan = [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4, keep_rep=[[0, 2], [1, 2]])]
-    student = compress_llama(model, plan)
+    student = compress_model(model, plan)
     student.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
-    assert type(loaded).__name__ == "HeadallocLlamaForCausalLM"
+    assert type(loaded).__name__ == "HeadallocForCausalLM"
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-6)
         out = loaded.generate(ids, max_new_tokens=5, do_sample=False)
@@ -51,7 +53,7 @@ def test_round_trip_through_save_pretrained(tmp_path):
 
 def test_generate_matches_full_forward_greedy():
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(8, 8)] * 3)
+    student = compress_model(model, [LayerPlan(8, 8)] * 3)
     ids = torch.randint(0, 120, (1, 10))
     with torch.no_grad():
         gen = student.generate(ids, max_new_tokens=6, do_sample=False)
@@ -64,14 +66,14 @@ def test_generate_matches_full_forward_greedy():
 
 def test_decode_fast_path_equals_full_forward_and_is_used(monkeypatch):
     """Each cached single-token step (no padding, no kv repeat) gives the logits of a full forward."""
-    from headalloc.compression.hf_model import ReducedLlamaAttention
+    from headalloc.compression.modeling_headalloc import ReducedAttention
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(8, 8), LayerPlan(4, 8, keep_kv=[1]),  # equal and unequal widths
+    student = compress_model(model, [LayerPlan(8, 8), LayerPlan(4, 8, keep_kv=[1]),  # equal and unequal widths
                                      LayerPlan(16, 4, keep_rep=[[0, 2], [1, 2]])])
     calls = []
-    orig = ReducedLlamaAttention._decode_one
-    monkeypatch.setattr(ReducedLlamaAttention, "_decode_one",
+    orig = ReducedAttention._decode_one
+    monkeypatch.setattr(ReducedAttention, "_decode_one",
                         lambda self, *a: calls.append(self.layer_idx) or orig(self, *a))
     ids = torch.randint(0, 120, (1, 14))
     with torch.no_grad():
@@ -89,10 +91,10 @@ def test_decode_fast_path_equals_full_forward_and_is_used(monkeypatch):
 def test_pair_importance_equals_measured_logit_energy():
     model = tiny_llama()
     ids = torch.randint(0, 120, (4, 40))
-    data = collect_layer_inputs(model, ids)
+    data = collect(model, ids)
     attn = model.model.layers[1].self_attn
-    imp = pair_importance(attn, data["cov"][1], 2, 3, 16)
-    x = torch.cat([t.reshape(-1, 48) for t in data["inputs"][1]]).double()
+    imp = pair_importance(adapter_for(model).weights(model, 1), data.second_moment[1], Geometry.of(model))
+    x = torch.cat([t.reshape(-1, 48) for t in data.inputs[1]]).double()
     q = (x @ attn.q_proj.weight.double().T).view(-1, 2, 3, 16)
     k = (x @ attn.k_proj.weight.double().T).view(-1, 2, 16)
     eq = (q[..., :8] ** 2 + q[..., 8:] ** 2).mean(0).sum(1)  # (kv, pair)
@@ -104,8 +106,8 @@ def test_value_svd_is_optimal_rank_k_for_the_group():
     """Plain value SVD: the group's value-output map error equals the discarded singular values."""
     model = tiny_llama()
     attn = model.model.layers[0].self_attn
-    from headalloc.compression.llama import value_output_svd
-    vs, os_ = value_output_svd(attn, None, 2, 3, 16, 5)
+    from headalloc.compression.reduce import value_output_svd
+    vs, os_ = value_output_svd(adapter_for(model).weights(model, 0), None, Geometry.of(model), 5)
     Wv = attn.v_proj.weight.detach().double().view(2, 16, 48)
     Wo = attn.o_proj.weight.detach().double().view(48, 2, 3, 16)
     for g in range(2):
@@ -118,12 +120,12 @@ def test_value_svd_is_optimal_rank_k_for_the_group():
 def test_bad_plans_are_clear_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="qk_dim must be even"):
-        compress_llama(model, [LayerPlan(7, 8)] * 3)
+        compress_model(model, [LayerPlan(7, 8)] * 3)
     with pytest.raises(ValueError, match="plan has 1 layers"):
-        compress_llama(model, [LayerPlan(8, 8)])
-    with pytest.raises(ValueError, match="LLaMA-family"):
+        compress_model(model, [LayerPlan(8, 8)])
+    with pytest.raises(ValueError, match="supported families: LLaMA"):
         from transformers import GPT2Config, GPT2LMHeadModel
-        compress_llama(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), [])
+        compress_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), [])
 
 
 # ---------------------------------------------------------------- single heads
@@ -135,16 +137,16 @@ def test_llama_head_matrices_reproduce_eager_attention():
     model = tiny_llama()
     model.set_attn_implementation("eager")
     ids = torch.randint(0, 120, (2, 12))
-    data = collect_layer_inputs(model, ids)
+    data = collect(model, ids)
     with torch.no_grad():
         att = model(ids, output_attentions=True).attentions
-    X = torch.cat(data["inputs"][1]).double()
-    cos, sin = (torch.cat([p[j] for p in data["pos"]]).double() for j in (0, 1))
+    X = torch.cat(data.inputs[1]).double()
+    cos, sin = (torch.cat([p[j] for p in data.positions]).double() for j in (0, 1))
     hw = teacher_head_llama(model, 1, 4)
     _, probs, _ = head_forward(hw, X, True, cos, sin)
     assert torch.allclose(probs.float(), att[1][:, 4], atol=1e-5)
     # the full-width student is the teacher
-    full = reduce_head(hw, 16, data["cov"][1])
+    full = reduce_head(hw, 16, data.cov[1])
     assert torch.allclose(head_forward(full, X, True, cos, sin)[2], head_forward(hw, X, True, cos, sin)[2], atol=1e-8)
 
 
@@ -180,7 +182,7 @@ def test_real_smollm2_identity_compression_reproduces_logits():
 
     model, tok = load_model("smollm2")
     ids = tok("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
-    student = compress_llama(model, identity_plan(model))
+    student = compress_model(model, identity_plan(model))
     with torch.no_grad():
         assert torch.allclose(student(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-4)
 
@@ -202,7 +204,7 @@ def test_end_to_end_distillation_lowers_the_loss_and_trains_only_attention():
     from headalloc.compression.distill import distill_end_to_end
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
     frozen_before = {n: p.clone() for n, p in student.named_parameters() if ".self_attn." not in n}
     w = torch.randint(0, 120, (6, 24))
     r = distill_end_to_end(model, student, w, steps=40, lr=1e-3, k=16, progress=False)
@@ -218,7 +220,7 @@ def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head
     from headalloc.compression.distill import distill_end_to_end
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
     before = {n: p.clone() for n, p in student.named_parameters()}
     w = torch.randint(0, 120, (6, 24))
     r = distill_end_to_end(model, student, w, steps=20, lr=1e-3, k=16, progress=False, train="layers")
@@ -232,7 +234,7 @@ def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head
 
 
 def test_low_rank_svd_of_a_product_matches_the_dense_svd():
-    from headalloc.compression.llama import low_rank_svd
+    from headalloc.compression.reduce import low_rank_svd
 
     g = torch.Generator().manual_seed(0)
     M, N = torch.randn(90, 8, generator=g, dtype=torch.float64), torch.randn(8, 40, generator=g, dtype=torch.float64)
@@ -248,7 +250,7 @@ def test_compressed_model_loads_with_accelerate_device_placement(tmp_path):
     """The path for models too large for one device: from_pretrained(device_map="auto") through
     accelerate (here every layer lands on the CPU) gives the same logits and generation."""
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4)])
+    student = compress_model(model, [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4)])
     student.save_pretrained(tmp_path)
     placed = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, device_map="auto")
     ids = torch.randint(0, 120, (1, 20))
@@ -263,7 +265,7 @@ def test_plan_grid_matches_the_compressed_model(tmp_path):
 
     model = tiny_llama()
     plan = [LayerPlan(8, 16), LayerPlan(4, 8, keep_kv=[1]), LayerPlan(16, 4, keep_kv=[0, 1], keep_rep=[[0, 2], [1, 2]])]
-    student = compress_llama(model, plan)
+    student = compress_model(model, plan)
     layers = [lp.to_dict() for lp in plan]
     qk, v = plan_grid(layers, 2, 3)
     for row_q, row_v, a, lp in zip(qk, v, student.config.attn_layers, plan):
@@ -280,15 +282,14 @@ def test_sequential_layerwise_distillation_walks_the_student_residual_stream():
     against the inputs the teacher's forward hooks captured), so every layer starts at zero error;
     with a reduced plan both modes lower every layer's error."""
     from headalloc.compression.distill import distill_layerwise
-    from headalloc.compression.llama import collect_layer_inputs, identity_plan
 
     model = tiny_llama()
-    data = collect_layer_inputs(model, torch.randint(0, 120, (3, 20)), keep=True)
-    same = compress_llama(model, identity_plan(model))
+    data = collect(model, torch.randint(0, 120, (3, 20)), keep=True)
+    same = compress_model(model, identity_plan(model))
     r = distill_layerwise(model, same, data, steps=0, progress=False, inputs="student")
     assert max(r["layer_rel_error_before"]) < 1e-10
     for mode in ("teacher", "student"):
-        student = compress_llama(model, [LayerPlan(4, 4)] * 3, data["cov"])
+        student = compress_model(model, [LayerPlan(4, 4)] * 3, data)
         r = distill_layerwise(model, student, data, steps=30, lr=3e-4, progress=False, inputs=mode)
         assert all(a < b for a, b in zip(r["layer_rel_error_after"], r["layer_rel_error_before"])), mode
     with pytest.raises(ValueError, match="inputs must be"):
@@ -330,7 +331,7 @@ def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
     from headalloc.compression.distill import distill_end_to_end
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
     w = torch.randint(0, 120, (6, 24))
     r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True)
     assert r["tail"] and r["loss_after"] < r["loss_before"]
@@ -338,7 +339,7 @@ def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
 
 def test_compress_cli_kd_tail_flag_defaults_on_and_can_be_turned_off():
     from headalloc.cli import build_parser
-    from headalloc.compression.pipeline import CompressConfig
+    from headalloc.compression.settings import CompressConfig
 
     ap = build_parser()
     assert ap.parse_args(["compress"]).kd_tail is None  # left to CompressConfig's default
@@ -351,7 +352,7 @@ def test_hidden_state_loss_is_zero_at_the_teacher_and_matches_a_direct_computati
     from headalloc.compression.distill import hidden_state_loss
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
     w = torch.randint(0, 120, (2, 12))
     with torch.no_grad():
         t = model(input_ids=w, output_hidden_states=True).hidden_states
@@ -366,7 +367,7 @@ def test_end_to_end_distillation_with_hidden_states_lowers_both_terms():
     from headalloc.compression.distill import distill_end_to_end, hidden_state_loss
 
     model = tiny_llama()
-    student = compress_llama(model, [LayerPlan(4, 4)] * 3)
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
     w = torch.randint(0, 120, (6, 24))
 
     def hid():

@@ -6,7 +6,8 @@ import math
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from headalloc.compression.llama import LayerPlan, compress_llama
+from headalloc.compression.reduce import compress_model
+from headalloc.compression.spec import LayerPlan
 from headalloc.evaluation.lm import counts, perplexity, speed
 
 
@@ -15,7 +16,7 @@ def models():
     cfg = LlamaConfig(vocab_size=80, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
     t = LlamaForCausalLM(cfg).eval()
-    return t, compress_llama(t, [LayerPlan(8, 4), LayerPlan(16, 8, keep_kv=[0])])
+    return t, compress_model(t, [LayerPlan(8, 4), LayerPlan(16, 8, keep_kv=[0])])
 
 
 def test_counts_match_the_model():

@@ -8,9 +8,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headalloc.cli import main
-from headalloc.compression.llama import attention_params_of, collect_layer_inputs, compress_llama
-from headalloc.compression.strategies import (check_budget, cost_of, depth_plan, knapsack, make_plan,
-                                              uniform_plan)
+from headalloc.compression.calibration import collect
+from headalloc.compression.reduce import Geometry, compress_model
+from headalloc.compression.spec import HeadSpec
+from headalloc.compression.strategies import STRATEGIES, check_budget, depth_plan, knapsack, make_plan, uniform_plan
 from headalloc.evaluation.lm import counts
 
 
@@ -42,28 +43,33 @@ def tiny():
 @pytest.mark.parametrize("kind", ["params", "kv"])
 def test_every_strategy_meets_the_budget(strategy, kind):
     model = tiny()
-    data = collect_layer_inputs(model, torch.randint(0, 100, (3, 24)))
-    plan, _ = make_plan(model, strategy, 0.5, data, kind, step=4, progress=False)
-    student = compress_llama(model, plan, data["cov"])
-    full = sum(cost_of(a, 48, kind) for a in counts_layers(model))
-    used = sum(cost_of(a, 48, kind) for a in student.config.attn_layers)
+    data = collect(model, torch.randint(0, 100, (3, 24)))
+    plan = make_plan(model, strategy, 0.5, data, kind, step=4, progress=False)
+    student = compress_model(model, plan, data)
+    full = 4 * HeadSpec(2, 3, 16, 16).cost(48, kind)
+    used = sum(HeadSpec.from_dict(a).cost(48, kind) for a in student.config.attn_layers)
     assert used <= 0.5 * full
     with torch.no_grad():
         assert torch.isfinite(student(torch.randint(0, 100, (1, 10))).logits).all()
-    if kind == "params":
-        assert counts(student)["params_attention"] == attention_params_of(student.config.attn_layers, 48)
-
-
-def counts_layers(model):
-    from headalloc.compression.hf_model import identity_attn_layers
-    return identity_attn_layers(model.config)
+    if kind == "params":  # the formula against the student's actual attention tensors
+        real = sum(p.numel() for l in student.model.layers for p in l.self_attn.parameters())
+        assert counts(student)["params_attention"] == real
 
 
 def test_depth_keeps_early_layers_wider():
-    plan = depth_plan(tiny().config, 0.5, step=4)
+    plan, _ = depth_plan(tiny(), 0.5, step=4)
     dims = [p.qk_dim for p in plan]
     assert dims[0] > dims[-1] and dims == sorted(dims, reverse=True)
-    assert [p.qk_dim for p in uniform_plan(tiny().config, 0.5, step=4)] == [8] * 4
+    assert [p.qk_dim for p in uniform_plan(tiny(), 0.5, step=4)[0]] == [8] * 4
+
+
+def test_strategy_registry_is_what_the_cli_offers():
+    from headalloc.cli import build_parser
+
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
+    action = next(a for a in sub._actions if a.dest == "strategy")
+    assert list(action.choices) == list(STRATEGIES) == ["uniform", "depth", "prune-heads", "measured"]
 
 
 def test_bad_budget_strategy_and_family_fail_before_work(capsys):
@@ -79,24 +85,27 @@ def test_measured_with_head_choices_is_never_worse_than_widths_or_pruning_alone(
     """The measured plan's candidate set is the union of narrowing and head removal, so its predicted
     loss increase (same estimator, exact knapsack) is at most either alone's, by brute-force evaluation
     of the other two plans under the same estimator."""
-    from headalloc.compression.strategies import _layer_error, measured_plan, prune_plan, reduce_layer
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.strategies import layer_error, measured_plan, prune_plan, reduce_layer
 
     model = tiny()
-    data = collect_layer_inputs(model, torch.randint(0, 100, (3, 24)))
-    hd, g, r = 16, 2, 3
+    data = collect(model, torch.randint(0, 100, (3, 24)))
+    ad, g = adapter_for(model), Geometry.of(model)
 
     def predicted(plan):
-        return sum(_layer_error(model, l, data, reduce_layer(model.model.layers[l].self_attn, data["cov"][l], lp,
-                                                             hd, g, r, l), hd)
+        return sum(layer_error(model, l, data, *reduce_layer(ad.weights(model, l), None, lp, g, l))
                    for l, lp in enumerate(plan))
 
+    full = 4 * HeadSpec(2, 3, 16, 16).params(48)
     for budget in (0.3, 0.5, 0.8):
-        both, info = measured_plan(model, data, budget, step=4, progress=False, heads=True)
-        widths, _ = measured_plan(model, data, budget, step=4, progress=False, heads=False)
-        pruned, _ = prune_plan(model, data, budget, progress=False)
+        both, info = measured_plan(model, budget, step=4, calibration=data, heads=True)
+        widths, _ = measured_plan(model, budget, step=4, calibration=data, heads=False)
+        pruned, _ = prune_plan(model, budget, calibration=data)
         # the measured estimator is additive over qk and v; compare on the same footing: each plan's
         # own knapsack objective is at least the union's optimum
         assert info["predicted_error"] <= min(predicted(pruned),
-                                              measured_plan(model, data, budget, step=4, progress=False,
+                                              measured_plan(model, budget, step=4, calibration=data,
                                                             heads=False)[1]["predicted_error"]) + 1e-9
-        assert widths and both
+        for plan in (both, widths, pruned):
+            assert len(plan) == 4 and sum(g.spec(lp).params(48) for lp in plan) <= budget * full
+        assert any(lp.keep_kv is not None for lp in pruned) and all(lp.keep_kv is None for lp in widths)

@@ -13,6 +13,6 @@ Importing headalloc registers the compressed-model classes with transformers' Au
 __version__ = "0.1.0"
 
 try:  # registration needs transformers; the theory works without it
-    import headalloc.compression.hf_model  # noqa: F401
+    import headalloc.compression.register  # noqa: F401
 except ImportError:  # pragma: no cover
     pass

@@ -199,7 +199,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.preset not in makers:
             raise ValueError(f"give --config FILE or --preset one of {sorted(makers)}")
         configs = [_apply_sets(c, args.set) for c in makers[args.preset]("quick" if args.quick else "full")]
-    results = run_sweep(configs, args.store, args.fn, executor=args.executor, ray_address=args.ray_address,
+    results = run_sweep(configs, args.store, args.run_fn, executor=args.executor, ray_address=args.ray_address,
                         workers=args.workers)
     for c, r in zip(configs, results):
         metric = r["val"].get("nmse", r["val"].get("ce"))
@@ -209,49 +209,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- compress / evaluate
-def _check_family(name: str) -> None:
-    """Fail before any work when the model family cannot be compressed."""
-    from transformers import AutoConfig
-
-    from headalloc.assets.models import resolve_model
-
-    path = resolve_model(name)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    if cfg.model_type not in ("llama", "headalloc_llama"):
-        raise ValueError(f"model {name!r} is of type {cfg.model_type!r}; `headalloc compress` handles LLaMA-family "
-                         f"decoders (rotary, grouped-query). For BERT/GPT-2 heads use "
-                         f"headalloc.compression.single_head (plain SVD path).")
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
-    from headalloc.compression.pipeline import CompressConfig, compress, eval_windows, save_model
-    from headalloc.compression.strategies import check_budget
-    from headalloc.evaluation.lm import counts, perplexity
-    from headalloc.compression.llama import head_dim_of
+    from headalloc.compression.export import check_output
+    from headalloc.compression.pipeline import check_model, compress
+    from headalloc.compression.reduce import Geometry
+    from headalloc.compression.settings import config_from_args
     from headalloc.reports.figures import plot_plan_grid
 
-    check_budget(args.budget, args.strategy, args.budget_kind)  # before any work
-    _check_family(args.model)
-    kw = settings_from_args(args, args.quick)
-    cfg = CompressConfig(model=args.model, corpus=args.corpus, budget=args.budget, strategy=args.strategy,
-                         budget_kind=args.budget_kind, seed=args.seed, device_map=args.device_map, dtype=args.dtype,
-                         **kw)
-    r = compress(cfg)
-    ev = eval_windows(r["tokenizer"], cfg)
-    res = {"config": cfg.to_dict(), "plan": r["plan_info"], "distill": r["distill"], "end_to_end": r["kd"],
-           "teacher": {**perplexity(r["teacher"], ev, desc="original ppl"), **counts(r["teacher"])},
-           "before_distill": perplexity(r["undistilled"], ev, desc="compressed ppl (before distillation)"),
-           "after_distill": {**perplexity(r["student"], ev, desc="compressed ppl"), **counts(r["student"])},
-           "seconds_plan": r["seconds_plan"], "seconds_distill": r["seconds_distill"]}
-    out = Path(args.out)
-    save_model(r["student"], r["tokenizer"], out, extra=res)  # writes headalloc.json inside the atomic folder
-    tc = r["teacher"].config
-    plot_plan_grid(r["plan_info"]["layers"], tc.num_key_value_heads,
-                   tc.num_attention_heads // tc.num_key_value_heads, head_dim_of(tc), out / "plan.png",
+    cfg = config_from_args(args).validate()  # every setting, the family and the output: before any work
+    check_model(cfg.model)
+    out = check_output(args.out, args.overwrite)
+    r = compress(config=cfg)
+    command = "headalloc " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("headalloc") else None
+    r.save(out, overwrite=args.overwrite, command=command)
+    g = Geometry.of(r.teacher)
+    plot_plan_grid(r.plan.to_dict()["layers"], g.n_kv, g.n_rep, g.head_dim, out / "plan.png",
                    f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}")
-    t, a = res["teacher"], res["after_distill"]
-    print(f"saved {out} (loads with AutoModelForCausalLM.from_pretrained after `import headalloc`)")
-    print(f"perplexity: original {t['ppl']:.2f}, compressed {res['before_distill']['ppl']:.2f} -> "
+    m = r.metrics
+    t, a = m["teacher"], m["after_distill"]
+    print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"perplexity: original {t['ppl']:.2f}, compressed {m['before_distill']['ppl']:.2f} -> "
           f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
@@ -265,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from headalloc.evaluation.lm import compare, counts, perplexity
     from headalloc.io import atomic_write_json
 
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device_map=args.device_map)
+    model, tok = load_model(args.model, dtype=args.dtype, device_map=args.device_map, device=args.device)
     ev = token_windows(tok, args.corpus, "validation", args.length, args.windows, seed=args.seed + 1)
     res = {"model": str(args.model), "perplexity": perplexity(model, ev), **counts(model, args.length),
            "eval": {"corpus": args.corpus, "split": "validation", "windows": args.windows, "length": args.length}}
@@ -273,7 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{args.length} tokens; attention params {res['params_attention']:,}; KV cache "
           f"{res['kv_bytes_per_token']} bytes/token")
     if args.reference:
-        ref, _ = load_model(args.reference, dtype=getattr(torch, args.dtype), device_map=args.device_map)
+        ref, _ = load_model(args.reference, dtype=args.dtype, device_map=args.device_map, device=args.device)
         res["reference"] = {"model": args.reference, "perplexity": perplexity(ref, ev), **counts(ref, args.length)}
         long = token_windows(tok, args.corpus, "validation", max(args.contexts), 1, seed=args.seed)
         res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats, batch=args.batch)
@@ -291,49 +268,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_setting_args(p: argparse.ArgumentParser) -> None:
-    """The calibration, distillation and evaluation flags (shared by `headalloc compress` and the
-    benchmark); each defaults to None, meaning "keep CompressConfig's (or QUICK's) value"."""
-    p.add_argument("--calib-windows", type=int, default=None)
-    p.add_argument("--calib-length", type=int, default=None)
-    p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per layer (same for every strategy)")
-    p.add_argument("--distill-inputs", choices=["teacher", "student"], default=None,
-                   help="layer-local stage on the teacher's inputs (independent layers) or on the student's own, "
-                        "layer after layer (sequential)")
-    p.add_argument("--kd-steps", type=int, default=None,
-                   help="end-to-end distillation steps after the layer-local stage (0 = skip)")
-    p.add_argument("--kd-windows", type=int, default=None, help="training windows for end-to-end distillation")
-    p.add_argument("--kd-lr", type=float, default=None)
-    p.add_argument("--kd-tail", action=argparse.BooleanOptionalAction, default=None,
-                   help="end-to-end loss with the teacher's probability outside its top k as one extra bucket "
-                        "(default on; --no-kd-tail: renormalised top-k)")
-    p.add_argument("--kd-train", choices=["attention", "layers"], default=None,
-                   help="end-to-end stage trains the attention projections only, or every decoder-layer weight")
-    p.add_argument("--kd-hidden", type=float, default=None,
-                   help="weight of a term matching every layer's hidden states to the teacher's in the end-to-end "
-                        "stage (default 0: off; costs a teacher forward per step)")
-    p.add_argument("--eval-windows", type=int, default=None)
-    p.add_argument("--eval-length", type=int, default=None)
-
-
-SETTING_KEYS = ("calib_windows", "calib_length", "distill_steps", "distill_inputs", "kd_steps", "kd_windows", "kd_lr",
-                "kd_tail", "kd_train", "kd_hidden", "eval_windows", "eval_length")
-
-
-def settings_from_args(args, quick: bool) -> dict:
-    """CompressConfig keyword arguments: QUICK (if `quick`) overridden by every flag given."""
-    from headalloc.compression.pipeline import QUICK
-
-    kw = dict(QUICK) if quick else {}
-    kw.update({k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k) is not None})
-    return kw
-
-
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None,
                    help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights' dtype when loading")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype when loading ('auto': the checkpoint's)")
+    p.add_argument("--device", default=None, help="e.g. 'cuda' (default: CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,24 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="with --preset: the quick settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every config")
     p.add_argument("--store", default="results/sweep.sqlite", help="SQLite file (finished runs are skipped)")
-    p.add_argument("--fn", default="headalloc.training.runs:run_synthetic", help="run function module:function")
+    p.add_argument("--fn", dest="run_fn", default="headalloc.training.runs:run_synthetic",
+                   help="run function module:function")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("compress", help="compress a LLaMA-family model's attention to a budget, distil, save")
-    p.add_argument("--model", default="smollm2", help="smollm2 or a LLaMA-family Hugging Face directory")
-    p.add_argument("--corpus", default="wiki")
-    p.add_argument("--budget", type=float, default=0.5, help="fraction in (0, 1] of attention params (or KV bytes)")
-    p.add_argument("--strategy", default="measured", help="uniform, depth, measured or prune-heads")
-    p.add_argument("--budget-kind", default="params", choices=["params", "kv"],
-                   help="what the budget counts: attention parameters or KV-cache bytes per token")
-    p.add_argument("--out", default="results/compressed", help="folder for the saved model")
-    p.add_argument("--quick", action="store_true", help="smaller calibration, distillation and evaluation")
-    add_setting_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    _add_load_args(p)
+    from headalloc.compression.strategies import STRATEGIES
+    from headalloc.compression.settings import PRESETS, add_config_args
+
+    strategies = "; ".join(f"{k}: {v.description.rstrip('.')}" for k, v in STRATEGIES.items())
+    p = sub.add_parser("compress", help="compress a model's attention to a budget, distil, save a loadable folder",
+                       description="Compress the attention of a LLaMA, Mistral, Qwen2, Qwen3 or Phi-3 model to a "
+                                   "budget. Strategies: " + strategies)
+    p.add_argument("--out", default="results/compressed", help="folder for the saved model (refused if it exists "
+                                                               "and was not written by headalloc)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier headalloc model")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help="named settings that the flags below override (default: default)")
+    p.add_argument("--quick", action="store_true", help="the quick preset: smaller calibration, distillation, "
+                                                        "evaluation")
+    add_config_args(p, choices={"strategy": list(STRATEGIES)})
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("evaluate", help="perplexity, counts, KV bytes, FLOPs and speed against a reference")

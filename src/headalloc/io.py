@@ -70,20 +70,60 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+TMP_MARK = "headalloc-tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary folders that an earlier, killed headalloc process left in `folder` (named
+    `.<target>.headalloc-tmp-<pid>-...`; only those whose process is gone)."""
+    import re
+    import shutil
+
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = re.match(rf"^\..*\.{TMP_MARK}-(\d+)-", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Yield a temporary folder next to `path`; on success it replaces `path` by a rename, on error it
-    is removed. The folder at `path` is complete or absent, never half-written."""
+def atomic_directory(path: str | os.PathLike, replace: bool = True):
+    """Yield a temporary folder next to `path`; on success it takes the place of `path` by a rename, on
+    error it is removed. The folder at `path` is complete or absent, never half-written.
+    An existing `path` is replaced only if `replace` (it is moved aside first, then removed), else it
+    is an error. Temporaries of killed runs are recognisable and removed by the next run."""
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    clean_stale_temporaries(path.parent)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists; refusing to replace it")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{TMP_MARK}-{os.getpid()}-"))
     try:
         yield tmp
+        old = None
         if path.exists():
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{TMP_MARK}-{os.getpid()}-old-"))
+            os.replace(path, old / "replaced")
         tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

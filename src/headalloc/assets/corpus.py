@@ -62,7 +62,24 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("pydoc", [(k, v.strip()) for k, v in sorted(topics.items()) if v.strip()])
     p = Path(key).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"corpus {key!r} is neither a known name (wiki, pydoc) nor an existing text file")
+        raise FileNotFoundError(f"corpus {key!r} is neither a known name (wiki, pydoc) nor an existing text or "
+                                f".jsonl file")
+    if p.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} line {i} is not JSON ({e}); expected one {{\"text\": ...}} object per line") from None
+            if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+                raise ValueError(f"{p} line {i} has no string field 'text'; expected {{\"text\": ...}} per line")
+            if d["text"].strip():
+                docs.append((str(d.get("title") or d.get("id") or f"{p.name}#{i}"), d["text"].strip()))
+        if not docs:
+            raise ValueError(f"{p} contains no text")
+        return Corpus(p.name, docs)
     parts = [t.strip() for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     if not parts:
         raise ValueError(f"{p} contains no text")

@@ -84,14 +84,16 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
 
 
 def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, attn_implementation: str | None = None,
-               dtype: torch.dtype = torch.float32, device_map: str | dict | None = None):
+               dtype: torch.dtype | str = torch.float32, device_map: str | dict | None = None,
+               device: str | torch.device | None = None):
     """(model, tokenizer) for a name or directory, offline, in eval mode.
 
     `causal=None` picks AutoModelForCausalLM when the config says it is a decoder, else AutoModel.
-    `device_map` (e.g. "auto") is passed to `from_pretrained`: accelerate places the layers across the
-    available GPUs, then CPU memory, for models too large for one device.
+    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's). `device_map` (e.g. "auto") is passed
+    to `from_pretrained`: accelerate places the layers across the available GPUs, then CPU memory, for
+    models too large for one device; `device` (e.g. "cuda") moves the whole model there.
     """
-    import headalloc.compression.hf_model  # noqa: F401  (registers the compressed-model classes)
+    import headalloc.compression.register  # noqa: F401  (registers the compressed-model classes)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
@@ -100,6 +102,8 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
         causal = bool(getattr(cfg, "is_decoder", False)) or any(
             a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
     kwargs = {"local_files_only": True, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -111,5 +115,7 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
         raise ValueError(f"could not load a model from {path}: {e}. If a checkpoint is corrupt, delete the "
                          f"folder (for cached names it is rebuilt from the package)") from e
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if device is not None and device_map is None:
+        model.to(device)
     model.eval()
     return model, tok

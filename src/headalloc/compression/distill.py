@@ -11,46 +11,62 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from headalloc.compression.calibration import Calibration
+from headalloc.compression.families import adapter_for
+
 
 def _layer_out(layer, h, pe):
     out = layer(h, attention_mask=None, position_embeddings=pe)
     return out[0] if isinstance(out, tuple) else out
 
 
-def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float = 5e-4, seed: int = 0,
+def _student_layers(student):
+    return student.model.layers  # a HeadallocForCausalLM (modeling_headalloc) in every family
+
+
+def distill_layerwise(teacher, student, cal: Calibration, steps: int = 50, lr: float = 5e-4, seed: int = 0,
                       progress: bool = True, inputs: str = "teacher") -> dict:
     """Fit each student attention layer to the teacher's; returns relative errors before and after.
 
     `inputs="teacher"`: every layer sees the teacher's own inputs (layers independent).
     `inputs="student"`: layers are fitted in order, each on the inputs the already-fitted student
     layers below it produce (targets stay the teacher's outputs), so a layer learns to absorb the
-    drift of the layers before it (the sequential mode of GPTQ-style calibration)."""
+    drift of the layers before it (the sequential mode of GPTQ-style calibration).
+    The student may be in another dtype than the teacher (e.g. float32 fitting of a bfloat16 model):
+    inputs and targets are cast to the student's dtype."""
     if inputs not in ("teacher", "student"):
         raise ValueError(f"inputs must be 'teacher' or 'student'; got {inputs!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}")
+    ad = adapter_for(teacher)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    n = len(data["pos"])
+    n = len(cal.positions)
     before, after = [], []
+    layers = _student_layers(student)
+    p0 = next(student.parameters())
+    dt = p0.dtype
+    cast = lambda t: t.to(device=p0.device, dtype=dt)  # noqa: E731
+    pos = [tuple(cast(t) for t in pe) for pe in cal.positions]
     hs = None
     if inputs == "student":
         with torch.no_grad():
-            hs = [student.model.embed_tokens(w[None]) for w in data["windows"]]
-    for l in tqdm(range(len(student.model.layers)), desc="distilling layers", disable=not progress):
-        t_attn, s_attn = teacher.model.layers[l].self_attn, student.model.layers[l].self_attn
+            hs = [student.model.embed_tokens(w[None].to(p0.device)) for w in cal.windows]
+    for l in tqdm(range(len(layers)), desc="distilling layers", disable=not progress):
+        t_attn, s_attn = ad.attention(teacher, l), layers[l].self_attn
         with torch.no_grad():
-            targets = [t_attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
-                       for X, pe in zip(data["inputs"][l], data["pos"])]
-            norm = torch.stack([t.square().mean() for t in targets]).mean()
+            targets = [cast(t_attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0])
+                       for X, pe in zip(cal.inputs[l], cal.positions)]
+            norm = torch.stack([t.float().square().mean() for t in targets]).mean()
             if hs is not None:
-                xs = [student.model.layers[l].input_layernorm(h) for h in hs]
+                xs = [layers[l].input_layernorm(h) for h in hs]
             else:
-                xs = data["inputs"][l]
+                xs = [cast(X) for X in cal.inputs[l]]
 
         def rel_err() -> float:
             with torch.no_grad():
                 return float(sum((s_attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0] - y)
-                                 .square().mean() for X, pe, y in zip(xs, data["pos"], targets))
-                             / n / norm)
+                                 .float().square().mean() for X, pe, y in zip(xs, pos, targets)) / n / norm)
 
         before.append(rel_err())
         if steps > 0:
@@ -60,8 +76,8 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
             opt = torch.optim.Adam(params, lr=lr)
             for _ in range(steps):
                 i = int(torch.randint(0, n, (1,), generator=g))
-                y = s_attn(hidden_states=xs[i], position_embeddings=data["pos"][i], attention_mask=None)[0]
-                loss = (y - targets[i]).square().mean() / norm
+                y = s_attn(hidden_states=xs[i], position_embeddings=pos[i], attention_mask=None)[0]
+                loss = (y - targets[i]).float().square().mean() / norm
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"distillation loss became {loss.item()} in layer {l}; lower lr (now {lr})")
                 opt.zero_grad(set_to_none=True)
@@ -72,7 +88,7 @@ def distill_layerwise(teacher, student, data: dict, steps: int = 50, lr: float =
         after.append(rel_err())
         if hs is not None:
             with torch.no_grad():
-                hs = [_layer_out(student.model.layers[l], h, pe) for h, pe in zip(hs, data["pos"])]
+                hs = [_layer_out(layers[l], h, pe) for h, pe in zip(hs, pos)]
     return {"layer_rel_error_before": before, "layer_rel_error_after": after, "steps_per_layer": steps, "lr": lr,
             "inputs": inputs}
 
@@ -84,8 +100,9 @@ def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = T
     teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability
     outside the top k, "mass": mean top-k mass}."""
     ids, probs, tail = [], [], []
+    device = adapter_for(teacher).embed(teacher).weight.device
     for w in tqdm(windows, desc="teacher top-k", disable=not progress, leave=False):
-        p = torch.softmax(teacher(input_ids=w[None]).logits[0].float(), -1)
+        p = torch.softmax(teacher(input_ids=w[None].to(device)).logits[0].float(), -1).cpu()
         top = p.topk(k, dim=-1)
         kept = top.values.sum(-1, keepdim=True)
         tail.append((1 - kept[..., 0]).clamp_min(0))
@@ -145,6 +162,7 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     torch.manual_seed(seed)
     if train not in ("attention", "layers"):
         raise ValueError(f"train must be 'attention' or 'layers'; got {train!r}")
+    dev = student.get_input_embeddings().weight.device
     params = [p for layer in student.model.layers
               for p in (layer.self_attn.parameters() if train == "attention" else layer.parameters())]
     frozen = [p for p in student.parameters() if p.requires_grad]
@@ -158,8 +176,9 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
 
     @torch.no_grad()
     def full_loss() -> float:  # on the first `report_windows` windows (a progress report, not an evaluation)
-        return float(sum(topk_distill_loss(student(input_ids=windows[i][None]).logits[0], targets["ids"][i],
-                                           targets["probs"][i], tails[i] if tails is not None else None)
+        return float(sum(topk_distill_loss(student(input_ids=windows[i][None].to(dev)).logits[0].cpu(),
+                                           targets["ids"][i], targets["probs"][i],
+                                           tails[i] if tails is not None else None)
                          for i in range(n_report)) / n_report)
 
     was_training = student.training
@@ -174,12 +193,13 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(windows), (batch,), generator=g)
-        out = student(input_ids=windows[idx], output_hidden_states=hidden_weight > 0)
-        loss = topk_distill_loss(out.logits, targets["ids"][idx], targets["probs"][idx],
-                                 tails[idx] if tails is not None else None)
+        out = student(input_ids=windows[idx].to(dev), output_hidden_states=hidden_weight > 0)
+        loss = topk_distill_loss(out.logits, targets["ids"][idx].to(dev), targets["probs"][idx].to(dev),
+                                 tails[idx].to(dev) if tails is not None else None)
         if hidden_weight > 0:
             with torch.no_grad():
-                t_hidden = teacher(input_ids=windows[idx], output_hidden_states=True).hidden_states
+                t_hidden = teacher(input_ids=windows[idx].to(dev), output_hidden_states=True).hidden_states
+                t_hidden = [t.to(out.hidden_states[0].dtype) for t in t_hidden]
             loss = loss + hidden_weight * hidden_state_loss(out.hidden_states, t_hidden)
         if not torch.isfinite(loss):
             raise RuntimeError(f"end-to-end distillation loss became {loss.item()} at step {step}; lower lr (now {lr})")

@@ -1,135 +1,200 @@
-"""`headalloc compress`: plan, reduce, distil, evaluate and save, in one call."""
+"""Compression in one call: calibrate, plan, reduce, distil, evaluate; `result.save(dir)`.
+
+    import headalloc
+    r = headalloc.compress("smollm2", budget=0.5, strategy="measured", preset="quick")
+    r.metrics["after_distill"]["ppl"]; r.save("out/smollm2-0.5")
+
+`headalloc compress` is this function with the same names (the flags are derived from
+`CompressConfig`).
+"""
 
 from __future__ import annotations
 
-import copy
-import json
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from headalloc.compression.strategies import check_budget
+from headalloc.compression.calibration import Calibration, collect
+from headalloc.compression.families import adapter_for
+from headalloc.compression.settings import CompressConfig, preset as make_preset
+from headalloc.compression.spec import Plan
 
 
 @dataclass
-class CompressConfig:
-    model: str = "smollm2"
-    corpus: str = "wiki"
-    budget: float = 0.5
-    strategy: str = "measured"
-    budget_kind: str = "params"  # "params" (attention parameters) or "kv" (KV-cache bytes per token)
-    step: int = 8  # width grid
-    calib_windows: int = 16
-    calib_length: int = 256
-    distill_steps: int = 100  # per layer, same for every strategy
-    distill_lr: float = 5e-4
-    distill_inputs: str = "teacher"  # layer-local stage on the teacher's inputs, or "student" (sequential)
-    # then end-to-end: attention projections fitted to the teacher's next-token distributions (top-k)
-    kd_steps: int = 300  # 0 = layer-local only; same for every strategy
-    kd_lr: float = 3e-4
-    # distinct windows, about one per step: 300 steps over 32 windows overfit them (1.32x -> 1.36x), over
-    # 300 windows they gave 1.19x (100 steps over 128: 1.23x); one budget stays under 20 min on 2 cores
-    kd_windows: int = 300
-    kd_length: int = 256
-    kd_batch: int = 1
-    kd_topk: int = 32
-    kd_tail: bool = True  # top-k targets plus one bucket for the teacher's remaining mass (full settings,
-    # 100 steps over 128 windows: 19.26 vs 20.10 renormalised, measured at 0.5; see docs/compression.md)
-    kd_train: str = "attention"  # or "layers": every decoder-layer weight (attention, MLP, norms)
-    kd_hidden: float = 0.0  # > 0: add this weight x every layer's relative hidden-state error (teacher forward per step)
-    eval_windows: int = 16
-    eval_length: int = 512
-    seed: int = 0
-    device_map: str | None = None  # e.g. "auto": accelerate's placement of the teacher (large models)
-    dtype: str = "float32"
+class CompressionResult:
+    """The compressed model, its plan, what was measured, and the record that `save` writes."""
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    model: torch.nn.Module
+    plan: Plan
+    config: CompressConfig
+    metrics: dict
+    tokenizer: object = None
+    teacher: torch.nn.Module | None = field(default=None, repr=False)
+    calibration: Calibration | None = field(default=None, repr=False)
+
+    def record(self, command: str | None = None) -> dict:
+        return {"config": self.config.to_dict(), "base_model": self.metrics.get("base_model"),
+                "plan": self.plan.to_dict(), "command": command, **{k: v for k, v in self.metrics.items()
+                                                                     if k != "base_model"}}
+
+    def save(self, out: str | os.PathLike, overwrite: bool = False, dtype: str | torch.dtype | None = None,
+             command: str | None = None) -> Path:
+        """A folder that loads with AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True);
+        weights in `dtype` (default: the config's save_dtype, else the original's)."""
+        from headalloc.compression.export import save_compressed
+
+        dtype = dtype or self.config.save_dtype or self.metrics.get("teacher_dtype")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return save_compressed(self.model, self.tokenizer, out, self.record(command), overwrite, dtype)
 
 
-QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
-             kd_steps=20, kd_windows=8)
+def _stage(progress: bool, i: int, n: int, text: str) -> None:
+    if progress:
+        print(f"[{i}/{n}] {text}", file=sys.stderr, flush=True)
 
 
-def calibration(model, tok, cfg: CompressConfig) -> dict:
+def _windows(tok, corpus: str, split: str, length: int, n: int, seed: int) -> torch.Tensor:
     from headalloc.assets import token_windows
-    from headalloc.compression.llama import collect_layer_inputs
 
-    w = token_windows(tok, cfg.corpus, "train", cfg.calib_length, cfg.calib_windows, seed=cfg.seed)
-    return collect_layer_inputs(model, w, keep=True)
-
-
-def kd_targets(teacher, tok, cfg: CompressConfig, data: dict, progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Training-split windows for end-to-end distillation (a draw separate from the calibration
-    windows) and the teacher's top-k targets on them; cached in `data` so strategies share them."""
-    from headalloc.assets import token_windows
-    from headalloc.compression.distill import teacher_topk
-
-    key = ("kd", cfg.corpus, cfg.kd_windows, cfg.kd_length, cfg.kd_topk, cfg.seed)
-    if data.get("kd_key") != key:
-        w = token_windows(tok, cfg.corpus, "train", cfg.kd_length, cfg.kd_windows, seed=cfg.seed + 2)
-        data["kd_key"], data["kd_windows"] = key, w
-        data["kd_targets"] = teacher_topk(teacher, w, cfg.kd_topk, progress)
-    return data["kd_windows"], data["kd_targets"]
+    return token_windows(tok, corpus, split, length, n, seed=seed)
 
 
 def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
-    from headalloc.assets import token_windows
-
     # validation split only: never used for calibration or distillation
-    return token_windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, seed=cfg.seed + 1)
+    return _windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, cfg.seed + 1)
 
 
-def compress(cfg: CompressConfig, teacher=None, tok=None, data: dict | None = None, progress: bool = True,
-             keep_stages: bool = False) -> dict:
-    """Compress per `cfg`; returns the student (before and after distillation) and a record. With
-    `keep_stages`, also the student after layer-local distillation only ("after_layerwise")."""
+def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Calibration:
+    w = _windows(tok, cfg.corpus, "train", cfg.calib_length, cfg.calib_windows, cfg.seed)
+    return collect(teacher, w, keep=True, progress=progress)
+
+
+def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
+    """Training-split windows for end-to-end distillation (a draw separate from the calibration
+    windows) and the teacher's top-k targets on them; cached on the calibration so strategies share them."""
+    from headalloc.compression.distill import teacher_topk
+
+    key = ("kd", cfg.corpus, cfg.kd_windows, cfg.kd_length, cfg.kd_topk, cfg.seed)
+    if key not in cal.cache:
+        w = _windows(tok, cfg.corpus, "train", cfg.kd_length, cfg.kd_windows, cfg.seed + 2)
+        cal.cache[key] = (w, teacher_topk(teacher, w, cfg.kd_topk, progress))
+    return cal.cache[key]
+
+
+def check_model(name_or_path: str) -> Path:
+    """Resolve a model name or folder and check its family, before any loading or work."""
+    from transformers import AutoConfig
+
+    from headalloc.assets.models import resolve_model
+
+    path = resolve_model(name_or_path)
+    try:
+        mcfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}/config.json could not be read as a Hugging Face config ({e}); is the folder a "
+                         f"complete model checkpoint?") from None
+    adapter_for(mcfg)
+    return path
+
+
+def _max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def compress(model_or_path="smollm2", *, budget: float | None = None, strategy: str | None = None,
+             preset: str = "default", config: CompressConfig | None = None, tokenizer=None,
+             calibration_data: Calibration | None = None, evaluate: bool = True, progress: bool = True,
+             keep_stages: bool = False, **settings) -> CompressionResult:
+    """Compress a model's attention to a budget. `model_or_path`: a loaded Hugging Face causal LM (give
+    its `tokenizer` too), the packaged "smollm2", or a local folder. Settings: `config`, else the named
+    `preset` with `budget`, `strategy` and any other `CompressConfig` field as keywords.
+    `calibration_data`: reuse a calibration (several strategies or budgets on the same text).
+    `keep_stages`: also measure perplexity after the layer-local stage alone."""
     from headalloc.assets import load_model
     from headalloc.compression.distill import distill_end_to_end, distill_layerwise
-    from headalloc.compression.llama import check_llama, compress_llama
+    from headalloc.compression.reduce import Geometry, compress_model
     from headalloc.compression.strategies import make_plan
+    from headalloc.evaluation.lm import counts, perplexity
 
-    check_budget(cfg.budget, cfg.strategy, cfg.budget_kind)
-    if teacher is None:
-        teacher, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device_map=cfg.device_map)
-    check_llama(teacher)
+    given_model = not isinstance(model_or_path, (str, os.PathLike))
+    over = {k: v for k, v in dict(budget=budget, strategy=strategy, **settings).items() if v is not None}
+    if not given_model:
+        over["model"] = str(model_or_path)
+    cfg = (replace(config, **over) if config is not None else make_preset(preset, **over)).validate()
+    n = 5 if evaluate else 4
+    t_start = time.time()
+    if given_model:
+        teacher, tok = model_or_path, tokenizer
+        adapter_for(teacher)
+        if tok is None and evaluate:
+            raise ValueError("give the tokenizer with a loaded model (tokenizer=...), or evaluate=False")
+    else:
+        check_model(cfg.model)
+        _stage(progress, 1, n, f"loading {cfg.model}")
+        teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, device=cfg.device)
+    teacher.eval()
+    limit = _max_positions(teacher)
+    for name in ("calib_length", "kd_length", "eval_length"):
+        if limit is not None and getattr(cfg, name) > limit:
+            raise ValueError(f"{name} {getattr(cfg, name)} exceeds the model's maximum of {limit} positions")
+    ev = eval_windows(tok, cfg) if evaluate else None  # checks there is enough text before any work
+    fit_dtype = getattr(torch, cfg.fit_dtype)
+    teacher_dtype = next(teacher.parameters()).dtype
+    metrics: dict = {"base_model": getattr(teacher.config, "_name_or_path", None) or cfg.model,
+                     "teacher_dtype": str(teacher_dtype).replace("torch.", "")}
+
     t0 = time.time()
-    if data is None:
-        data = calibration(teacher, tok, cfg)
-    plan, info = make_plan(teacher, cfg.strategy, cfg.budget, data, cfg.budget_kind, cfg.step, progress)
-    plan_info = {"strategy": cfg.strategy, "budget": cfg.budget, "budget_kind": cfg.budget_kind,
-                 "layers": [lp.to_dict() for lp in plan]}
-    student = compress_llama(teacher, plan, data["cov"], plan_info)
-    t_plan = time.time() - t0
-    undistilled = copy.deepcopy(student)  # kept to report perplexity before distillation
+    cal = calibration_data
+    if cal is None:
+        _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens of "
+                               f"'{cfg.corpus}' (train split)")
+        cal = calibration(teacher, tok, cfg, progress)
+    _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}")
+    plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress)
+    student = compress_model(teacher, plan, cal, dtype=fit_dtype)
+    metrics["seconds_plan"] = time.time() - t0
+    if evaluate:
+        metrics["before_distill"] = perplexity(student, ev, progress, desc="compressed ppl (before distillation)")
+    full = Geometry.of(teacher).full()
+    identity = all(lp == full for lp in plan)
     t1 = time.time()
-    dist = distill_layerwise(teacher, student, data, cfg.distill_steps, cfg.distill_lr, cfg.seed, progress,
-                             inputs=cfg.distill_inputs)
-    t_layer = time.time() - t1
-    kd, stage = None, None
-    if cfg.kd_steps > 0:
-        if keep_stages:
-            stage = copy.deepcopy(student)
-        w, targets = kd_targets(teacher, tok, cfg, data, progress)
-        kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk, cfg.seed,
-                                progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
-                                hidden_weight=cfg.kd_hidden)
-        kd.pop("train_curve")
-    return {"kd": kd, "seconds_layerwise": t_layer, "after_layerwise": stage, "student": student, "undistilled": undistilled, "teacher": teacher, "tokenizer": tok, "plan": plan,
-            "plan_info": {**plan_info, **{k: v for k, v in info.items() if k != "head_energy"}},
-            "distill": dist, "seconds_plan": t_plan, "seconds_distill": time.time() - t1}
-
-
-def save_model(model, tok, out: Path, extra: dict | None = None) -> Path:
-    """save_pretrained into a temporary folder, then rename: the folder is complete or absent."""
-    from headalloc.io import atomic_directory
-
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        if extra:
-            (tmp / "headalloc.json").write_text(json.dumps(extra, indent=1, default=str))
-    return Path(out)
+    metrics["distill"] = metrics["end_to_end"] = None
+    if identity:
+        metrics["note"] = "the plan keeps every head and width: nothing to fit, weights unchanged"
+        if progress:
+            print(f"note: {metrics['note']}", file=sys.stderr)
+    else:
+        _stage(progress, 3, n, f"layer-local distillation: {cfg.distill_steps} steps per layer")
+        metrics["distill"] = distill_layerwise(teacher, student, cal, cfg.distill_steps, cfg.distill_lr, cfg.seed,
+                                               progress, inputs=cfg.distill_inputs)
+        metrics["seconds_layerwise"] = time.time() - t1
+        if keep_stages and evaluate and cfg.kd_steps > 0:
+            metrics["after_layerwise"] = perplexity(student, ev, progress, desc="after layer-local")
+        if cfg.kd_steps > 0:
+            _stage(progress, 4, n, f"end-to-end distillation: {cfg.kd_steps} steps on {cfg.kd_windows} windows")
+            w, targets = kd_targets(teacher, tok, cfg, cal, progress)
+            kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk,
+                                    cfg.seed, progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
+                                    hidden_weight=cfg.kd_hidden)
+            kd.pop("train_curve")
+            metrics["end_to_end"] = kd
+    metrics["seconds_distill"] = time.time() - t1
+    save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else teacher_dtype
+    if next(student.parameters()).dtype != save_dtype:
+        student = student.to(save_dtype)
+    if evaluate:
+        _stage(progress, n, n, f"evaluation: {cfg.eval_windows} validation windows of {cfg.eval_length} tokens")
+        tkey = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)
+        if tkey not in cal.cache:  # the same for every strategy and budget on this calibration
+            cal.cache[tkey] = {**perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
+        metrics["teacher"] = cal.cache[tkey]
+        metrics["after_distill"] = {**perplexity(student, ev, progress, desc="compressed ppl"), **counts(student)}
+        metrics["evaluation"] = {"corpus": cfg.corpus, "split": "validation", "windows": cfg.eval_windows,
+                                 "length": cfg.eval_length}
+    metrics["seconds_total"] = time.time() - t_start
+    return CompressionResult(student, plan, cfg, metrics, tok, teacher, cal)

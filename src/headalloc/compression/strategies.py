@@ -1,51 +1,67 @@
-"""Where to cut: per-layer plans that meet a global budget, by strategy.
+"""Where to cut: per-layer plans that meet a global budget, by strategy (a registry).
 
-Budget b in (0, 1]: attention parameters (or, with kind="kv", KV-cache bytes per token) at most b
+Budget b in (0, 1]: attention parameters (or, with kind="kv", KV-cache entries per token) at most b
 times the teacher's. Candidate widths are multiples of `step` (8 by default) up to the head dim.
 - uniform: the same qk and v width in every layer (the largest that fits);
 - depth: the paper's principle, keep early layers and reduce later ones more: width fraction
   falling linearly with depth, f_l = b + a (1 - 2 l / (L-1)) with a = min(1 - b, b - step/hd) (mean b),
   rounded to the grid, then trimmed from the deepest layers until the budget holds;
-- measured (ours): for every layer and candidate width, the estimated loss increase of the reduced layer:
-  the Fisher-weighted error of its attention output on calibration text (LM-loss gradient . change)^2, measured
-  separately for qk and for v and added; a multiple-choice knapsack (exact DP over layers) then
-  picks one (qk, v) per layer minimising the total error under the budget;
+- measured (ours): for every layer and candidate, the estimated loss increase of the reduced layer:
+  the Fisher-weighted error of its attention output on calibration text (LM-loss gradient . change)^2,
+  measured separately for qk and for v and added, plus whole-head removal candidates; a
+  multiple-choice knapsack (exact DP over layers) picks one candidate per layer under the budget;
 - prune-heads (baseline): whole heads removed: per layer, how many kv heads and query heads per kv
   head to keep (ranked by the energy of each head's output on calibration text), chosen by the same
   knapsack over the measured error of each option.
+Families whose query-key width cannot be narrowed exactly (per-head q/k norms) get candidates with
+the full query-key width only. Add a strategy with `@strategy("name")`; the CLI's choices, the
+experiments and the benchmark read `STRATEGIES`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from headalloc.compression.llama import (LayerPlan, attention_params_of, head_dim_of, reduce_layer,
-                                         reduced_attention)
+from headalloc.compression.calibration import Calibration
+from headalloc.compression.families import adapter_for
+from headalloc.compression.reduce import Geometry, attention_module, reduce_layer
+from headalloc.compression.spec import LayerPlan, Plan
 
-STRATEGIES = ("uniform", "depth", "measured", "prune-heads")
 BUDGET_KINDS = ("params", "kv")
 
 
-def check_budget(budget: float, strategy: str, kind: str = "params") -> None:
-    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    fn: Callable  # (model, budget, kind, step, calibration, progress) -> (list[LayerPlan], info)
+    needs_calibration: bool
+    description: str
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str, needs_calibration: bool = True):
+    """Register a plan function under `name` (its docstring's first line is its description)."""
+    def deco(fn):
+        STRATEGIES[name] = Strategy(name, fn, needs_calibration, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return deco
+
+
+def check_budget(budget: float, strategy_name: str, kind: str = "params") -> None:
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"budget must be a fraction in (0, 1] of the original; got {budget!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy_name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {', '.join(STRATEGIES)}")
     if kind not in BUDGET_KINDS:
         raise ValueError(f"budget kind must be one of {BUDGET_KINDS}; got {kind!r}")
-
-
-def _spec(n_kv: int, n_rep: int, qk: int, v: int) -> dict:
-    return {"n_kv_heads": n_kv, "n_rep": n_rep, "qk_dim": qk, "v_dim": v}
-
-
-def cost_of(spec: dict, hidden: int, kind: str) -> int:
-    if kind == "kv":
-        return spec["n_kv_heads"] * (spec["qk_dim"] + spec["v_dim"])
-    return attention_params_of([spec], hidden)
 
 
 def knapsack(options: list[list[tuple[int, float]]], capacity: int) -> list[int]:
@@ -82,57 +98,71 @@ def knapsack(options: list[list[tuple[int, float]]], capacity: int) -> list[int]
 
 
 def grid(hd: int, step: int) -> list[int]:
+    if step < 2 or step % 2 or step > hd:
+        raise ValueError(f"width step must be even and in [2, {hd}] (the head dim); got {step}")
     return list(range(step, hd + 1, step))
 
 
-def uniform_plan(cfg, budget: float, kind: str = "params", step: int = 8) -> list[LayerPlan]:
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    full = cost_of(_spec(g, r, hd, hd), hidden, kind)
-    fits = [d for d in grid(hd, step) if cost_of(_spec(g, r, d, d), hidden, kind) <= budget * full + 1e-9]
+def _capacity(g: Geometry, budget: float, kind: str) -> tuple[int, int]:
+    full = g.spec(g.full()).cost(g.hidden, kind) * g.n_layers
+    return full, int(budget * full + 1e-6)
+
+
+@strategy("uniform", needs_calibration=False)
+def uniform_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False):
+    """The same query-key and value width in every layer (the largest that fits)."""
+    g = Geometry.of(model)
+    hd = g.head_dim
+    full, cap = _capacity(g, budget, kind)
+    qk = lambda d: d if g.qk_reducible else hd  # noqa: E731
+    fits = [d for d in grid(hd, step) if g.spec(LayerPlan(qk(d), d)).cost(g.hidden, kind) * g.n_layers <= cap]
     if not fits:
         raise ValueError(f"budget {budget} is below the smallest uniform width {step}; lower --step or raise the budget")
-    return [LayerPlan(max(fits), max(fits)) for _ in range(L)]
+    return [LayerPlan(qk(max(fits)), max(fits)) for _ in range(g.n_layers)], {}
 
 
-def depth_plan(cfg, budget: float, kind: str = "params", step: int = 8) -> list[LayerPlan]:
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+@strategy("depth", needs_calibration=False)
+def depth_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False):
+    """The paper's principle: early layers kept wider, widths falling linearly with depth."""
+    g = Geometry.of(model)
+    hd, L = g.head_dim, g.n_layers
+    full, cap = _capacity(g, budget, kind)
+    grid(hd, step)
     a = max(0.0, min(1 - budget, budget - step / hd))
-    dims = []
-    for l in range(L):
-        f = budget + a * (1 - 2 * l / max(1, L - 1))
-        dims.append(int(min(hd, max(step, step * round(f * hd / step)))))
-    full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
-    total = lambda: sum(cost_of(_spec(g, r, d, d), hidden, kind) for d in dims)  # noqa: E731
+    dims = [int(min(hd, max(step, step * round((budget + a * (1 - 2 * l / max(1, L - 1))) * hd / step))))
+            for l in range(L)]
+    qk = lambda d: d if g.qk_reducible else hd  # noqa: E731
+    total = lambda: sum(g.spec(LayerPlan(qk(d), d)).cost(g.hidden, kind) for d in dims)  # noqa: E731
     l = L - 1
-    while total() > budget * full + 1e-9:  # trim from the deepest layers first
+    while total() > cap:  # trim from the deepest layers first
+        if all(d == step for d in dims):
+            raise ValueError(f"budget {budget} is below the smallest depth schedule; raise the budget")
         if dims[l] > step:
             dims[l] -= step
         l = l - 1 if l > 0 else L - 1
-        if all(d == step for d in dims) and total() > budget * full + 1e-9:
-            raise ValueError(f"budget {budget} is below the smallest depth schedule; raise the budget")
-    return [LayerPlan(d, d) for d in dims]
+    return [LayerPlan(qk(d), d) for d in dims], {}
 
 
-def attention_output_grads(model, data: dict) -> list[list[torch.Tensor]]:
+def attention_output_grads(model, cal: Calibration, progress: bool = False) -> list[list[torch.Tensor]]:
     """Per layer and calibration window: gradient of the LM loss (next-token NLL on the calibration
     text) with respect to the layer's attention output."""
-    grads: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    ad = adapter_for(model)
+    L = ad.n_layers(model.config)
+    grads: list[list[torch.Tensor]] = [[] for _ in range(L)]
     handles = []
-    for i, layer in enumerate(model.model.layers):
+    for i in range(L):
         def hook(mod, args, out, i=i):
-            out[0].register_hook(lambda g, i=i: grads[i].append(g.detach().clone()))
-        handles.append(layer.self_attn.register_forward_hook(hook))
+            out[0].register_hook(lambda gr, i=i: grads[i].append(gr.detach().clone()))
+        handles.append(ad.attention(model, i).register_forward_hook(hook))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # gradients reach the activations through the embeddings; no weight gradients
         p.requires_grad_(False)
+    device = ad.embed(model).weight.device
     try:
-        for w in data["windows"]:
-            model.zero_grad(set_to_none=True)
-            ids = w[None]
+        for w in tqdm(cal.windows, desc="gradients at attention outputs", disable=not progress, leave=False):
+            ids = w[None].to(device)
             with torch.enable_grad():
-                emb = model.model.embed_tokens(ids).detach().requires_grad_(True)  # grads flow without weights
+                emb = ad.embed(model)(ids).detach().requires_grad_(True)
                 loss = model(inputs_embeds=emb, labels=ids).loss * ids.shape[1]
                 loss.backward()
     finally:
@@ -145,189 +175,171 @@ def attention_output_grads(model, data: dict) -> list[list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def _teacher_outputs(model, l: int, data: dict) -> list[torch.Tensor]:
-    key = "_teacher_out"
-    cache = data.setdefault(key, {})
+def teacher_outputs(model, l: int, cal: Calibration) -> list[torch.Tensor]:
+    """The teacher attention's outputs on the calibration inputs of layer l (cached for one layer)."""
+    cache = cal.cache.setdefault("teacher_out", {})
     if l not in cache:
-        attn = model.model.layers[l].self_attn
+        cache.clear()  # one layer at a time: the measurements walk the layers in order
+        attn = adapter_for(model).attention(model, l)
         cache[l] = [attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
-                    for X, pe in zip(data["inputs"][l], data["pos"])]
+                    for X, pe in zip(cal.inputs[l], cal.positions)]
     return cache[l]
 
 
 @torch.no_grad()
-def _layer_error(model, l: int, data: dict, spec_w, hd: int) -> float:
+def layer_error(model, l: int, cal: Calibration, spec, weights) -> float:
     """Estimated loss increase from replacing layer l's attention: the Fisher-weighted output error
     mean_t (g_t . dy_t)^2, with g the LM-loss gradient at the attention output (second-order term of
     the loss change; layers are treated as independent). Without gradients: |dy|^2 relative to the
     residual stream entering the layer."""
-    grads = data.get("grads")
-    err, n = 0.0, 0
-    for i, (X, (cos, sin)) in enumerate(zip(data["inputs"][l], data["pos"])):
-        dy = _teacher_outputs(model, l, data)[i] - reduced_attention(spec_w[0], spec_w[1], X, cos, sin, hd)
-        if grads is not None:
-            err += float((grads[l][i] * dy).double().sum(-1).square().sum())
+    X0 = cal.inputs[l][0]
+    student = attention_module(model.config, spec, weights, l, device=X0.device, dtype=X0.dtype)
+    err = 0.0
+    ref = teacher_outputs(model, l, cal)
+    for i, (X, pe) in enumerate(zip(cal.inputs[l], cal.positions)):
+        dy = ref[i] - student(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
+        if cal.grads is not None:
+            err += float((cal.grads[l][i] * dy).double().sum(-1).square().sum())
         else:
-            err += float(dy.double().square().sum(-1).mean()) / data["resid_sq"][l]
-        n += 1
-    return err / n
+            err += float(dy.double().square().sum(-1).mean()) / cal.resid_sq[l]
+    return err / len(cal.inputs[l])
 
 
-@torch.no_grad()
-def measured_plan(model, data: dict, budget: float, kind: str = "params", step: int = 8,
-                  progress: bool = True, heads: bool = True) -> tuple[list[LayerPlan], dict]:
-    """Per layer, every candidate is scored by its measured (Fisher-weighted) output error: narrower
-    query/key and value widths for all heads, and (with `heads`) removing whole kv heads or query heads
-    per kv head, ranked by output energy; an exact multiple-choice knapsack picks one candidate per
-    layer under the global budget."""
-    cfg = model.config
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    dims = grid(hd, step)
-    if "grads" not in data:
-        data["grads"] = attention_output_grads(model, data)
-    cached = data.get("_measured_errors")
-    if cached is not None and cached[0] == dims:  # the measurement does not depend on the budget
-        e_qk, e_v = cached[1], cached[2]
-    else:
-        e_qk, e_v = _measure_widths(model, data, dims, progress)
-        data["_measured_errors"] = (dims, e_qk, e_v)
-    extra = None
-    if heads:  # per-head choices too: removing whole kv / query heads competes with narrowing them
-        if f"_prune_options_{kind}" not in data:
-            data[f"_prune_options_{kind}"] = _measure_pruning(model, data, kind, progress)
-        extra = data[f"_prune_options_{kind}"][:2]
-    return _measured_choice(cfg, dims, e_qk, e_v, budget, kind, extra)
-
-
-def _measure_widths(model, data, dims, progress):
-    from tqdm.auto import tqdm
-
-    cfg = model.config
-    hd, L = head_dim_of(cfg), cfg.num_hidden_layers
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    e_qk = np.zeros((L, len(dims)))
-    e_v = np.zeros((L, len(dims)))
+def _measure_widths(model, cal: Calibration, dims: list[int], progress: bool):
+    """Per layer and width: the error of narrowing only the query-key width, and only the value width."""
+    ad, g = adapter_for(model), Geometry.of(model)
+    hd, L = g.head_dim, g.n_layers
+    e_qk, e_v = np.zeros((L, len(dims))), np.zeros((L, len(dims)))
     for l in tqdm(range(L), desc="measuring layer errors", disable=not progress):
-        attn, C = model.model.layers[l].self_attn, data["cov"][l]
+        w, M = ad.weights(model, l), cal.second_moment[l]
         svd_cache: dict = {}
         for j, d in enumerate(dims):
             if d < hd:
-                e_qk[l, j] = _layer_error(model, l, data, reduce_layer(attn, C, LayerPlan(d, hd), hd, g, r, l,
-                                                                       svd_cache), hd)
-                e_v[l, j] = _layer_error(model, l, data, reduce_layer(attn, C, LayerPlan(hd, d), hd, g, r, l,
-                                                                      svd_cache), hd)
-        data.get("_teacher_out", {}).pop(l, None)
+                if g.qk_reducible:
+                    e_qk[l, j] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(d, hd), g, l, svd_cache))
+                else:
+                    e_qk[l, j] = np.inf  # not a candidate
+                e_v[l, j] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, d), g, l, svd_cache))
     return e_qk, e_v
 
 
-def _measured_choice(cfg, dims, e_qk, e_v, budget, kind, extra=None):
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    options, labels = [], []
-    for l in range(L):
-        opts, labs = [], []
-        for i, qk in enumerate(dims):
-            for j, v in enumerate(dims):
-                opts.append((cost_of(_spec(g, r, qk, v), hidden, kind), e_qk[l, i] + e_v[l, j]))
-                labs.append(LayerPlan(qk, v))
-        if extra is not None:  # head-removal candidates (full width); the keep-everything one is already in
-            for (c, e), lp in zip(extra[0][l], extra[1][l]):
-                if lp.keep_kv is not None and (len(lp.keep_kv) < g or any(len(x) < r for x in lp.keep_rep)):
-                    opts.append((c, e))
-                    labs.append(lp)
-        options.append(opts)
-        labels.append(labs)
-    full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
-    picks = knapsack(options, int(budget * full + 1e-6))
-    plan = [labels[l][j] for l, j in enumerate(picks)]
-    return plan, {"grid": dims, "err_qk": e_qk.tolist(), "err_v": e_v.tolist(),
-                  "layers_with_heads_removed": [l for l, lp in enumerate(plan) if lp.keep_kv is not None],
-                  "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
-
-
 @torch.no_grad()
-def head_energy(model, data: dict) -> list[torch.Tensor]:
+def head_energy(model, cal: Calibration) -> list[torch.Tensor]:
     """Per layer (n_kv, n_rep): mean squared norm of each query head's contribution W_O^h o_h."""
-    cfg = model.config
-    hd, g = head_dim_of(cfg), cfg.num_key_value_heads
-    r = cfg.num_attention_heads // g
+    ad, g = adapter_for(model), Geometry.of(model)
     out = []
-    for l, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        acc = torch.zeros(g, r, dtype=torch.float64)
-        for X, (cos, sin) in zip(data["inputs"][l], data["pos"]):
-            for kv in range(g):
-                for h in range(r):
-                    spec = {"n_kv_heads": 1, "n_rep": 1, "qk_dim": hd, "v_dim": hd,
-                            "rope_pairs": [list(range(hd // 2))], "scale": attn.scaling}
-                    q = attn.q_proj.weight[(kv * r + h) * hd:(kv * r + h + 1) * hd]
-                    k = attn.k_proj.weight[kv * hd:(kv + 1) * hd]
-                    v = attn.v_proj.weight[kv * hd:(kv + 1) * hd]
-                    o = attn.o_proj.weight[:, (kv * r + h) * hd:(kv * r + h + 1) * hd]
-                    y = reduced_attention(spec, (q, k, v, o), X, cos, sin, hd)
+    for l in range(g.n_layers):
+        w = ad.weights(model, l)
+        acc = torch.zeros(g.n_kv, g.n_rep, dtype=torch.float64)
+        X0 = cal.inputs[l][0]
+        for kv in range(g.n_kv):
+            for h in range(g.n_rep):
+                spec, red = reduce_layer(w, None, LayerPlan(g.head_dim, g.head_dim, [kv], [[h]]), g, l)
+                red.o_bias = None  # the head's own contribution, without the layer's output bias
+                spec.bias = {**spec.bias, "o": False}
+                head = attention_module(model.config, spec, red, l, device=X0.device, dtype=X0.dtype)
+                for X, pe in zip(cal.inputs[l], cal.positions):
+                    y = head(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
                     acc[kv, h] += float(y.double().square().sum(-1).mean())
-        out.append(acc / len(data["pos"]))
+        out.append(acc / len(cal.positions))
     return out
 
 
 @torch.no_grad()
-def prune_plan(model, data: dict, budget: float, kind: str = "params", progress: bool = True):
-    from tqdm.auto import tqdm
-
-    cfg = model.config
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    if f"_prune_options_{kind}" in data:
-        options, plans, energy = data[f"_prune_options_{kind}"]
-    else:
-        options, plans, energy = _measure_pruning(model, data, kind, progress)
-        data[f"_prune_options_{kind}"] = (options, plans, energy)
-    full = cost_of(_spec(g, r, hd, hd), hidden, kind) * L
-    picks = knapsack(options, int(budget * full + 1e-6))
-    return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
-
-
-@torch.no_grad()
-def _measure_pruning(model, data, kind, progress):
-    from tqdm.auto import tqdm
-
-    cfg = model.config
-    hd, L, hidden = head_dim_of(cfg), cfg.num_hidden_layers, cfg.hidden_size
-    g, r = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    if "grads" not in data:
-        data["grads"] = attention_output_grads(model, data)
-    energy = head_energy(model, data)
+def _measure_pruning(model, cal: Calibration, kind: str, progress: bool):
+    """Per layer: every (kv heads kept, query heads per kv head kept) option at full width, the heads
+    ranked by output energy, with its cost and measured error."""
+    key = ("prune_options", kind)
+    if key in cal.cache:
+        return cal.cache[key]
+    ad, g = adapter_for(model), Geometry.of(model)
+    hd = g.head_dim
+    energy = head_energy(model, cal)
     options, plans = [], []
-    for l in tqdm(range(L), desc="measuring head pruning", disable=not progress):
-        e = energy[l]
+    for l in tqdm(range(g.n_layers), desc="measuring head pruning", disable=not progress):
+        e, w = energy[l], ad.weights(model, l)
         kv_order = torch.argsort(e.sum(1), descending=True).tolist()
         opts, ps = [], []
-        for nk in range(1, g + 1):
+        for nk in range(1, g.n_kv + 1):
             kept = sorted(kv_order[:nk])
-            for nr in range(1, r + 1):
+            for nr in range(1, g.n_rep + 1):
                 reps = [sorted(torch.argsort(e[k], descending=True)[:nr].tolist()) for k in kept]
                 lp = LayerPlan(hd, hd, keep_kv=kept, keep_rep=reps)
-                err = 0.0 if (nk == g and nr == r) else _layer_error(
-                    model, l, data, reduce_layer(model.model.layers[l].self_attn, None, lp, hd, g, r, l), hd)
-                opts.append((cost_of(_spec(nk, nr, hd, hd), hidden, kind), err))
+                err = 0.0 if (nk == g.n_kv and nr == g.n_rep) else layer_error(
+                    model, l, cal, *reduce_layer(w, None, lp, g, l))
+                opts.append((g.spec(lp).cost(g.hidden, kind), err))
                 ps.append(lp)
         options.append(opts)
         plans.append(ps)
-        data.get("_teacher_out", {}).pop(l, None)
-    return options, plans, energy
+    cal.cache[key] = (options, plans, energy)
+    return cal.cache[key]
 
 
-def make_plan(model, strategy: str, budget: float, data: dict | None, kind: str = "params", step: int = 8,
-              progress: bool = True) -> tuple[list[LayerPlan], dict]:
-    """Per-layer plan for `strategy` at `budget` (data: calibration inputs from collect_layer_inputs)."""
-    check_budget(budget, strategy, kind)
-    if strategy == "uniform":
-        return uniform_plan(model.config, budget, kind, step), {}
-    if strategy == "depth":
-        return depth_plan(model.config, budget, kind, step), {}
-    if data is None:
-        raise ValueError(f"strategy {strategy!r} needs calibration data")
-    if strategy == "measured":
-        return measured_plan(model, data, budget, kind, step, progress)
-    return prune_plan(model, data, budget, kind, progress)
+@strategy("prune-heads")
+def prune_plan(model, budget: float, kind: str = "params", step: int = 8, calibration: Calibration | None = None,
+               progress: bool = False):
+    """Baseline: remove whole heads, chosen per layer by measured error under the budget."""
+    g = Geometry.of(model)
+    options, plans, energy = _measure_pruning(model, _with_grads(model, calibration, progress), kind, progress)
+    _, cap = _capacity(g, budget, kind)
+    picks = knapsack(options, cap)
+    return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
+
+
+def _with_grads(model, cal: Calibration, progress: bool) -> Calibration:
+    if cal.grads is None:
+        cal.grads = attention_output_grads(model, cal, progress)
+    return cal
+
+
+@strategy("measured")
+def measured_plan(model, budget: float, kind: str = "params", step: int = 8, calibration: Calibration | None = None,
+                  progress: bool = False, heads: bool = True):
+    """Ours: per layer and head, measured loss increase of each candidate; exact knapsack under the budget."""
+    cal = _with_grads(model, calibration, progress)
+    g = Geometry.of(model)
+    dims = grid(g.head_dim, step)
+    key = ("width_errors", tuple(dims))
+    if key not in cal.cache:  # the measurement does not depend on the budget
+        cal.cache[key] = _measure_widths(model, cal, dims, progress)
+    e_qk, e_v = cal.cache[key]
+    extra = _measure_pruning(model, cal, kind, progress)[:2] if heads else None
+    return _measured_choice(g, dims, e_qk, e_v, budget, kind, extra)
+
+
+def _measured_choice(g: Geometry, dims, e_qk, e_v, budget, kind, extra=None):
+    hd = g.head_dim
+    options, labels = [], []
+    for l in range(g.n_layers):
+        opts, labs = [], []
+        for i, qk in enumerate(dims):
+            if qk < hd and not g.qk_reducible:
+                continue
+            for j, v in enumerate(dims):
+                lp = LayerPlan(qk, v)
+                opts.append((g.spec(lp).cost(g.hidden, kind), e_qk[l, i] + e_v[l, j]))
+                labs.append(lp)
+        if extra is not None:  # head-removal candidates (full width); the keep-everything one is already in
+            for (c, e), lp in zip(extra[0][l], extra[1][l]):
+                if len(lp.keep_kv) < g.n_kv or any(len(x) < g.n_rep for x in lp.keep_rep):
+                    opts.append((c, e))
+                    labs.append(lp)
+        options.append(opts)
+        labels.append(labs)
+    _, cap = _capacity(g, budget, kind)
+    picks = knapsack(options, cap)
+    plan = [labels[l][j] for l, j in enumerate(picks)]
+    return plan, {"grid": dims, "err_qk": np.where(np.isfinite(e_qk), e_qk, -1).tolist(), "err_v": e_v.tolist(),
+                  "layers_with_heads_removed": [l for l, lp in enumerate(plan) if lp.keep_kv is not None],
+                  "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
+
+
+def make_plan(model, strategy_name: str, budget: float, calibration: Calibration | None = None, kind: str = "params",
+              step: int = 8, progress: bool = False) -> Plan:
+    """The plan of `strategy_name` at `budget` for `model` (calibration: from `calibration.collect`)."""
+    check_budget(budget, strategy_name, kind)
+    s = STRATEGIES[strategy_name]
+    if s.needs_calibration and (calibration is None or calibration.inputs is None):
+        raise ValueError(f"strategy {strategy_name!r} needs calibration data with the layer inputs kept")
+    layers, info = s.fn(model, budget, kind, step, calibration=calibration, progress=progress)
+    return Plan(layers, strategy_name, budget, kind, info)

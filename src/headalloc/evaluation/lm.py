@@ -9,46 +9,40 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from headalloc.compression.hf_model import identity_attn_layers
 
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> dict:
     """exp(mean next-token NLL) over every predicted token of the windows (each scored independently)."""
     nll, n = 0.0, 0
+    device = model.get_input_embeddings().weight.device
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
-        logits = model(input_ids=w[None]).logits[0, :-1].double()
+        logits = model(input_ids=w[None].to(device)).logits[0, :-1].double().cpu()
         nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
         n += w.numel() - 1
     return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
 
 
-def attn_layers_of(model) -> list[dict]:
-    a = getattr(model.config, "attn_layers", None)
-    return a if a else identity_attn_layers(model.config)
-
-
 def counts(model, context: int = 1024, batch: int = 1) -> dict:
     """Parameters, KV-cache bytes per token (model dtype and fp16) and FLOPs per token at `context`;
-    `batch` sequences decoded together share one read of the weights (memory-traffic prediction)."""
+    `batch` sequences decoded together share one read of the weights (memory-traffic prediction).
+    Works for the original (any supported family) and for a compressed model."""
+    from headalloc.compression.reduce import student_specs
+
     if batch < 1 or context < 0:
         raise ValueError(f"batch must be >= 1 and context >= 0; got batch={batch}, context={context}")
-    hidden = model.config.hidden_size
-    layers = attn_layers_of(model)
-    attn_p = 0
-    attn_ctx = 0
-    kv = 0
-    for a in layers:
-        nq = a["n_kv_heads"] * a["n_rep"]
-        attn_p += hidden * (nq * a["qk_dim"] + a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])) + nq * a["v_dim"] * hidden
-        attn_ctx += 2 * nq * (a["qk_dim"] + a["v_dim"])  # per key: scores and mixing
-        kv += a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])
+    tc = model.config.get_text_config()
+    specs = student_specs(model)
+    attn_p = sum(s.params(tc.hidden_size) for s in specs)
+    attn_ctx = sum(s.context_flops() for s in specs)  # per key: scores and mixing
+    kv = sum(s.kv_size() for s in specs)
     total = sum(p.numel() for p in model.parameters())
-    emb = model.model.embed_tokens.weight.numel()
-    lm_head = model.lm_head.weight.numel()
+    emb = model.get_input_embeddings().weight.numel()
+    lm_head = model.get_output_embeddings().weight.numel()
     matmul_params = total - emb + (lm_head if model.config.tie_word_embeddings else 0)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
-    dense = 2 * (matmul_params - norms)
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    dense = 2 * (matmul_params - norms - biases)
     elt = next(model.parameters()).element_size()
     return {
         "params_total": total,
@@ -71,6 +65,7 @@ def counts(model, context: int = 1024, batch: int = 1) -> dict:
 def _prefill_decode(model, ids: torch.Tensor, new_tokens: int, batch: int = 1) -> tuple[float, float]:
     """Seconds for a prefill of `ids` (1, T) (building the KV cache) and for `new_tokens` greedy decode
     steps of `batch` sequences that share that prompt (the cache is copied `batch` times, not re-run)."""
+    ids = ids.to(model.get_input_embeddings().weight.device)
     t = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     t_pre = time.perf_counter() - t
@@ -109,15 +104,14 @@ def speed(models: dict, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: in
 
 
 def same_runtime(reference):
-    """`reference` in the compressed models' own runtime (HeadallocLlamaForCausalLM with every dimension
+    """`reference` in the compressed models' own runtime (HeadallocForCausalLM with every dimension
     kept: identical logits, tested), so a speed comparison isolates what the compression removes from
     what the attention implementation does. Returns None if `reference` is already in that runtime."""
-    from headalloc.compression.hf_model import HeadallocLlamaForCausalLM
-    from headalloc.compression.llama import compress_llama, identity_plan
+    from headalloc.compression.reduce import compress_model, identity_plan
 
-    if isinstance(reference, HeadallocLlamaForCausalLM):
+    if getattr(reference.config, "model_type", None) == "headalloc":
         return None
-    return compress_llama(reference, identity_plan(reference)).eval()
+    return compress_model(reference, identity_plan(reference)).eval()
 
 
 def compare(reference, model, ids: torch.Tensor, contexts=(1024, 4096), new_tokens: int = 32, repeats: int = 2,

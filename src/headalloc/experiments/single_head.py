@@ -49,21 +49,21 @@ def _run_heads(teacher_fn, model, heads, dims, C_of, Xval_of, Xcal_of, rows_of, 
 
 def compute_smollm2(ctx: RunContext) -> dict:
     from headalloc.assets import load_model, token_windows
-    from headalloc.compression.llama import collect_layer_inputs
+    from headalloc.compression.calibration import collect
     from headalloc.compression.single_head import teacher_head_llama
 
     s = SMOL[ctx.scale]
     model, tok = load_model("smollm2")
     layers = sorted({l for l, _ in s["heads"]})
     with torch.no_grad():
-        cal = collect_layer_inputs(model, token_windows(tok, "wiki", "train", s["Lmax"], s["n_calib"], seed=ctx.seed),
+        cal = collect(model, token_windows(tok, "wiki", "train", s["Lmax"], s["n_calib"], seed=ctx.seed),
                                    keep=layers)
-        val = collect_layer_inputs(model, token_windows(tok, "wiki", "validation", s["Lmax"], s["n_val"], seed=ctx.seed),
+        val = collect(model, token_windows(tok, "wiki", "validation", s["Lmax"], s["n_val"], seed=ctx.seed),
                                    keep=layers)
     cat = lambda xs: torch.cat(xs).double()  # noqa: E731
-    pos = lambda d: tuple(torch.cat([p[j] for p in d["pos"]]).double() for j in (0, 1))  # noqa: E731
+    pos = lambda d: tuple(torch.cat([p[j] for p in d.positions]).double() for j in (0, 1))  # noqa: E731
     res = _run_heads(teacher_head_llama, model, s["heads"], s["dims"],
-                     lambda l: (cal["cov"][l], None), lambda l: cat(val["inputs"][l]), lambda l: cat(cal["inputs"][l]),
+                     lambda l: (cal.cov[l], None), lambda l: cat(val.inputs[l]), lambda l: cat(cal.inputs[l]),
                      lambda: [L - 1 for L in s["lengths"]], True, s["steps"], ctx.seed, pos(val), pos(cal))
     return {"config": {"model": "smollm2", "teacher_dim": 64, **s, "calibration": "wiki train split",
                        "evaluation": "wiki validation split; query row L-1 of each window (context exactly L)",

@@ -1,0 +1,85 @@
+"""Calibration: what the teacher does on calibration text, captured once and shared by every
+strategy and by layer-local distillation.
+
+Per layer: the second moment E[x~ x~^T] of the attention input augmented with a constant 1,
+x~ = [x; 1] (so biases are handled by the same formulas as weights: the last row/column is the
+mean), the inputs themselves and the rotary position embeddings (for fitting and measuring), and
+the mean squared norm of the residual stream entering the layer. Measurements that strategies
+derive from it (gradients, candidate errors) are cached on the object, keyed by what they depend on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from headalloc.compression.families import adapter_for
+
+
+@dataclass
+class Calibration:
+    windows: torch.Tensor  # (n, T) token ids
+    second_moment: list[torch.Tensor]  # per layer (hidden+1, hidden+1), float64, on the CPU
+    inputs: list[list[torch.Tensor]] | None  # per layer, per window: (1, T, hidden) attention input
+    positions: list[tuple[torch.Tensor, torch.Tensor]] | None  # per window: (cos, sin)
+    resid_sq: list[float]  # per layer: mean |h|^2 of the residual stream entering it
+    tokens: int
+    grads: list[list[torch.Tensor]] | None = None  # per layer, per window: dLoss/d(attention output)
+    cache: dict = field(default_factory=dict)  # strategies' measurements, keyed by what they depend on
+
+    @property
+    def cov(self) -> list[torch.Tensor]:
+        """E[x x^T] per layer (hidden, hidden)."""
+        return [m[:-1, :-1] for m in self.second_moment]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+@torch.no_grad()
+def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: int = 1,
+            progress: bool = False) -> Calibration:
+    """Teacher forward passes over `windows` (n, T) with hooks on every layer's attention input.
+    `keep`: store the inputs of every layer (True), of the listed layers, or none (False)."""
+    ad = adapter_for(model)
+    cfg = model.config
+    L, h = ad.n_layers(cfg), ad.hidden_size(cfg)
+    layers = ad.layers(model)
+    mom = [torch.zeros(h + 1, h + 1, dtype=torch.float64) for _ in range(L)]
+    count = [0]
+    xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    pos: list = []
+    resid = [0.0] * L
+    handles = []
+
+    for i in range(L):
+        def layer_hook(mod, args, kwargs, i=i):
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            resid[i] += float(hs.double().square().sum())
+
+        def attn_hook(mod, args, kwargs, i=i):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            flat = x.reshape(-1, x.shape[-1]).double().cpu()
+            aug = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)
+            mom[i] += aug.T @ aug
+            if keep is True or (isinstance(keep, list) and i in keep):
+                xs[i].append(x.detach().clone())
+            if i == 0:
+                count[0] += flat.shape[0]
+                if keep is not False:
+                    pos.append(tuple(t.detach().clone() for t in kwargs.get("position_embeddings")))
+        handles.append(layers[i].register_forward_pre_hook(layer_hook, with_kwargs=True))
+        handles.append(ad.attention(model, i).register_forward_pre_hook(attn_hook, with_kwargs=True))
+    device = ad.embed(model).weight.device
+    try:
+        for s in tqdm(range(0, len(windows), batch), desc="calibration forward passes", disable=not progress,
+                      leave=False):
+            model(input_ids=windows[s:s + batch].to(device))
+    finally:
+        for hd in handles:
+            hd.remove()
+    n = count[0]
+    return Calibration(windows=windows, second_moment=[m / n for m in mom], inputs=xs if keep is not False else None,
+                       positions=pos if keep is not False else None, resid_sq=[r / n for r in resid], tokens=n)

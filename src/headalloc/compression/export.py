@@ -1,0 +1,116 @@
+"""Saving a compressed model so that it travels: a folder that loads with
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+in any process (headalloc not needed: the folder carries `modeling_headalloc.py` and `auto_map`), with
+its tokenizer (machine-local keys removed), a model card (README.md) and `headalloc.json` (the full
+record). Written atomically; an existing folder is replaced only when it was written by headalloc
+and overwriting was asked for; nothing else is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from headalloc.compression import modeling_headalloc
+
+MARKER = "headalloc.json"
+AUTO_MAP = {"AutoConfig": "modeling_headalloc.HeadallocConfig",
+            "AutoModelForCausalLM": "modeling_headalloc.HeadallocForCausalLM"}
+LOCAL_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_name_or_path", "cache_dir")
+
+
+def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail before any work if `out` cannot take a saved model: an existing file, a non-empty folder
+    that headalloc did not write (never touched), one it did write without `overwrite`, or a place
+    that is not writable."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise ValueError(f"--out {out} is a non-empty folder that headalloc did not write; it is left untouched. "
+                             f"Choose a new folder (or empty this one yourself)")
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds a compressed model; pass --overwrite to replace it "
+                             f"(or choose a new folder)")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+    return out
+
+
+def _clean_tokenizer_files(folder: Path) -> None:
+    p = folder / "tokenizer_config.json"
+    if p.exists():
+        d = json.loads(p.read_text(encoding="utf-8"))
+        for k in LOCAL_TOKENIZER_KEYS:
+            d.pop(k, None)
+        p.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def model_card(record: dict) -> str:
+    """README.md for the saved folder: base model, the plan, measured perplexity and KV size, the command."""
+    cfg = record.get("config", {})
+    plan = record.get("plan", {})
+    t, a, b = record.get("teacher", {}), record.get("after_distill", {}), record.get("before_distill", {})
+    base = record.get("base_model", cfg.get("model", "unknown"))
+    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- headalloc",
+             "- attention-compression", "---", "",
+             f"# {Path(str(base)).name}, attention compressed by headalloc", "",
+             f"Strategy **{plan.get('strategy')}** at {plan.get('budget_kind')} budget **{plan.get('budget')}** "
+             f"of the original attention.", "",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
+             "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
+    if t and a:
+        ev = record.get("evaluation", {})
+        lines += ["## Measured", "",
+                  f"Perplexity on {ev.get('windows')} held-out windows of {ev.get('length')} tokens of "
+                  f"`{ev.get('corpus')}` (validation split, never used for fitting):", "",
+                  "| | original | compressed, before distillation | compressed |", "|---|---|---|---|",
+                  f"| perplexity | {t['ppl']:.2f} | {b.get('ppl', float('nan')):.2f} | {a['ppl']:.2f} |",
+                  f"| attention parameters | {t['params_attention']:,} | | {a['params_attention']:,} "
+                  f"({a['params_attention'] / t['params_attention']:.3f}x) |",
+                  f"| KV cache bytes per token | {t['kv_bytes_per_token']:,} | | {a['kv_bytes_per_token']:,} "
+                  f"({a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x) |", ""]
+    if plan.get("layers"):
+        lines += ["## Plan (per layer)", "", "| layer | kv heads kept | query heads per kv head | qk width | v width |",
+                  "|---|---|---|---|---|"]
+        for i, lp in enumerate(plan["layers"]):
+            kv = "all" if lp.get("keep_kv") is None else str(lp["keep_kv"])
+            rep = "all" if lp.get("keep_rep") is None else str(lp["keep_rep"])
+            lines.append(f"| {i} | {kv} | {rep} | {lp['qk_dim']} | {lp['v_dim']} |")
+        lines.append("")
+    if record.get("command"):
+        lines += ["## Made with", "", "```console", record["command"], "```", ""]
+    lines += ["Settings, distillation records and timings: `headalloc.json`.", ""]
+    return "\n".join(lines)
+
+
+def save_compressed(model, tokenizer, out: str | os.PathLike, record: dict | None = None, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write the folder (see the module docstring); returns its path."""
+    from headalloc.io import atomic_directory
+
+    out = check_output(out, overwrite)
+    record = dict(record or {})
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model = model.to(dtype)
+    with atomic_directory(out, replace=True) as tmp:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copyfile(modeling_headalloc.__file__, tmp / "modeling_headalloc.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+            _clean_tokenizer_files(tmp)
+        (tmp / "README.md").write_text(model_card(record), encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    return out

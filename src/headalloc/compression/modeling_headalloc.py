@@ -1,0 +1,291 @@
+"""A causal LM whose attention layers have their own head counts and head widths (headalloc).
+
+This file is self-contained (it imports only torch and transformers): `headalloc compress` copies it
+into every saved model folder and points `config.json`'s `auto_map` at it, so
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+loads a compressed model in a process where headalloc is not installed.
+
+The model is the original family's own decoder (`AutoModel.from_config(config.text_config)`: its
+embeddings, MLPs, norms, rotary embedding with any scaling, masks and sliding windows) with each
+layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `config.attn_layers`:
+
+    {"n_kv_heads": g, "n_rep": r, "qk_dim": k, "v_dim": v, "rope_pairs": [[j, ...] per kv head],
+     "scale": s, "bias": {"q": bool, "k": bool, "v": bool, "o": bool}, "qk_norm": bool}
+
+- query heads = g * r (r query heads share each key-value head: grouped-query attention);
+- `rope_pairs[i]` are the rotary frequency pairs kept by kv head i (k/2 of the original head_dim/2
+  pairs, rotate-half convention); queries and keys are laid out [first halves of the kept pairs,
+  second halves], so rotation acts within each kept pair exactly as in the original;
+- `scale` stays the original 1/sqrt(head_dim), so a plan that keeps everything is the original;
+- `qk_norm` (Qwen3): per-head RMSNorm of queries and keys over the full head width before rotary,
+  so it requires k = head_dim with every pair kept (checked).
+The KV cache holds this layer's k and v widths, so its size follows the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig as _BaseConfig
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers import PretrainedConfig as _BaseConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+MODEL_TYPE = "headalloc"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def full_head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def validate_attn_layers(attn_layers: list, text_config) -> None:
+    """Clear errors for a malformed per-layer spec (a corrupt or hand-edited config.json)."""
+    head_dim = full_head_dim(text_config)
+    if len(attn_layers) != text_config.num_hidden_layers:
+        raise ValueError(f"attn_layers has {len(attn_layers)} entries for {text_config.num_hidden_layers} layers")
+    for i, a in enumerate(attn_layers):
+        g, r, k, v = a["n_kv_heads"], a["n_rep"], a["qk_dim"], a["v_dim"]
+        if min(g, r, k, v) < 1:
+            raise ValueError(f"layer {i}: head counts and dimensions must be >= 1; got {a}")
+        if k % 2:
+            raise ValueError(f"layer {i}: qk_dim {k} must be even (rotary pairs)")
+        pairs = a.get("rope_pairs")
+        if pairs is None or len(pairs) != g or any(len(p) != k // 2 for p in pairs):
+            raise ValueError(f"layer {i}: rope_pairs must list {k // 2} pairs for each of {g} kv heads")
+        if any(not 0 <= j < head_dim // 2 for p in pairs for j in p):
+            raise ValueError(f"layer {i}: rope pair index outside [0, {head_dim // 2})")
+        if a.get("qk_norm") and (k != head_dim or any(list(p) != list(range(head_dim // 2)) for p in pairs)):
+            raise ValueError(f"layer {i}: per-head q/k normalisation needs the full query-key width {head_dim} "
+                             f"with every rotary pair kept; got qk_dim={k}")
+
+
+class HeadallocConfig(_BaseConfig):
+    """The original model's config (`text_config`) plus one attention spec per layer (`attn_layers`)."""
+
+    model_type = MODEL_TYPE
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, text_config=None, attn_layers: list | None = None, headalloc_plan: dict | None = None,
+                 **kwargs):
+        if isinstance(text_config, dict):
+            text_config = AutoConfig.for_model(**text_config)
+        self.text_config = text_config
+        self.attn_layers = attn_layers
+        self.headalloc_plan = headalloc_plan  # provenance: strategy, budget, per-layer choice
+        if text_config is not None:
+            kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
+            if attn_layers is not None:
+                validate_attn_layers(attn_layers, text_config)
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args, **kwargs):
+        return self.text_config
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as LLaMA-family models do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class ReducedAttention(nn.Module):
+    """Attention with this layer's own kv heads, query heads per kv head, qk and v widths."""
+
+    def __init__(self, text_config, spec: dict, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = text_config, layer_idx
+        self.spec = spec
+        self.n_kv, self.n_rep = spec["n_kv_heads"], spec["n_rep"]
+        self.n_q = self.n_kv * self.n_rep
+        self.qk_dim, self.v_dim = spec["qk_dim"], spec["v_dim"]
+        self.head_dim = self.qk_dim  # read by some transformers utilities
+        self.num_key_value_groups = self.n_rep
+        self.scaling = spec["scale"]
+        self.attention_dropout = float(getattr(text_config, "attention_dropout", 0.0) or 0.0)
+        self.is_causal = True
+        layer_types = getattr(text_config, "layer_types", None)
+        sliding = layer_types is not None and layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = getattr(text_config, "sliding_window", None) if sliding else None
+        self._full_head_dim = full_head_dim(text_config)
+        self._rope_pairs = [list(p) for p in spec["rope_pairs"]]
+        self._rope_index: torch.Tensor | None = None  # built on first use (from_pretrained inits on "meta")
+        bias = spec.get("bias") or {}
+        hidden = text_config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_q * self.qk_dim, bias=bool(bias.get("q")))
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
+        self.o_proj = nn.Linear(self.n_q * self.v_dim, hidden, bias=bool(bias.get("o")))
+        if spec.get("qk_norm"):
+            eps = getattr(text_config, "rms_norm_eps", 1e-6)
+            self.q_norm, self.k_norm = RMSNorm(self.qk_dim, eps), RMSNorm(self.qk_dim, eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.decode_fast_path = True  # single-token decode without padding or kv repeat (see _decode_one)
+
+    def rope_index(self, device) -> torch.Tensor:
+        """(n_kv, qk_dim) coordinates of the original head kept by each kv head: pairs' first then second halves."""
+        if self._rope_index is None or self._rope_index.device != device:
+            pairs = torch.tensor(self._rope_pairs, dtype=torch.long, device=device)
+            self._rope_index = torch.cat([pairs, pairs + self._full_head_dim // 2], dim=1)
+        return self._rope_index
+
+    def qkv(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
+        """Rotated queries (B, n_q, T, qk), keys (B, n_kv, T, qk) and values (B, n_kv, T, v)."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.n_q, self.qk_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.n_kv, self.qk_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.n_kv, self.v_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings  # (B, T, full head_dim)
+        idx = self.rope_index(cos.device)
+        cos_k = cos[:, :, idx].transpose(1, 2).to(q.dtype)  # (B, n_kv, T, qk)
+        sin_k = sin[:, :, idx].transpose(1, 2).to(q.dtype)
+        cos_q = cos_k.repeat_interleave(self.n_rep, dim=1)
+        sin_q = sin_k.repeat_interleave(self.n_rep, dim=1)
+        return q * cos_q + rotate_half(q) * sin_q, k * cos_k + rotate_half(k) * sin_k, v
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states, position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        if T == 1 and attention_mask is None and not self.training and self.decode_fast_path:
+            return self._decode_one(q, k, v, B), None
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
+        # Fused SDPA kernels need equal query/key and value widths; with unequal widths PyTorch falls
+        # back to a math kernel that is several times slower. Zero-padding the narrower side to the
+        # wider one changes no logit (scale is explicit) and no output (padded value columns are cut).
+        d = max(self.qk_dim, self.v_dim)
+        if self.qk_dim < d:
+            q, k = nn.functional.pad(q, (0, d - self.qk_dim)), nn.functional.pad(k, (0, d - self.qk_dim))
+        elif self.v_dim < d:
+            v = nn.functional.pad(v, (0, d - self.v_dim))
+        kwargs.pop("sliding_window", None)
+        out, weights = attention_interface(self, q, k, v, attention_mask,
+                                           dropout=0.0 if not self.training else self.attention_dropout,
+                                           scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        out = out[..., : self.v_dim].reshape(B, T, self.n_q * self.v_dim).contiguous()
+        return self.o_proj(out), weights
+
+    def _decode_one(self, q, k, v, B: int) -> torch.Tensor:
+        """One new query token against the whole cache, by kv head: (B, n_kv, n_rep, qk) @ (B, n_kv, qk, L).
+
+        No key/value repeat for grouped queries and no padding of the cache to equal widths, so each
+        decode step reads the (smaller) cache once. Kernel choice from a micro-benchmark on a CPU
+        (L = 1024 and 4096): SDPA on packed queries is fastest for equal widths, two matmuls for unequal.
+        """
+        qg = q.reshape(B, self.n_kv, self.n_rep, self.qk_dim)  # query head h uses kv head h // n_rep
+        if self.sliding_window is not None and k.shape[2] > self.sliding_window:
+            k, v = k[:, :, -self.sliding_window:], v[:, :, -self.sliding_window:]
+        if self.qk_dim == self.v_dim:
+            out = nn.functional.scaled_dot_product_attention(qg, k, v, scale=self.scaling)
+        else:
+            scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scaling  # (B, n_kv, n_rep, L)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+            out = torch.matmul(probs, v)  # (B, n_kv, n_rep, v_dim)
+        return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim))
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention (grouped-query), the fallback when no registered implementation applies."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def attention_layers(decoder) -> nn.ModuleList:
+    """The decoder layers of a transformers base model (`model.layers` in every supported family)."""
+    return decoder.layers
+
+
+class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = HeadallocConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _no_split_modules = ["ReducedAttention"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HeadallocConfig):
+        super().__init__(config)
+        tc = config.text_config
+        self.model = AutoModel.from_config(tc)
+        if config.attn_layers is None:
+            raise ValueError("a headalloc model needs config.attn_layers (one attention spec per layer)")
+        for i, layer in enumerate(attention_layers(self.model)):
+            layer.self_attn = ReducedAttention(tc, config.attn_layers[i], i)
+        self.vocab_size = tc.vocab_size
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """Bytes of KV cache per token: sum over layers of kv_heads * (qk_dim + v_dim) * element size."""
+        b = dtype_bytes or next(self.parameters()).element_size()
+        return sum(a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"]) for a in self.config.attn_layers) * b

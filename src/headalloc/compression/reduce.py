@@ -1,0 +1,283 @@
+"""Head-dimension reduction of rotary, grouped-query attention (any supported family).
+
+- Query-key: a projection of q and k commutes with RoPE only inside each rotary frequency pair, so
+  the query-key width is reduced by keeping a subset of pairs, chosen per key-value head (and so
+  shared by the query heads of its group) by data-aware importance
+      I_j = sum_{h in group} E|q_{h,j}|^2 * E|k_{g,j}|^2,
+  the energy of pair j's contribution q_{h,j} . k_{g,j} to the logits on calibration text
+  (E|W x + b|^2 = w~ M w~^T with M the second moment of x~ = [x; 1]).
+- Value-output: values carry no rotation, so the value width of kv head g is reduced by a
+  truncated SVD of the whole group's value-output map A_g = [W_O^h W_V^g]_{h in group}, weighted
+  by M^{1/2} (data-aware) or not (plain), so every query head of the group shares the basis. A value
+  bias is an extra input column (the constant 1), so it is reduced by the same SVD.
+Everything here reads the teacher through its family adapter (`families`), and the student's
+layers are `modeling_headalloc.ReducedAttention`, the same module the saved model runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headalloc.compression.calibration import Calibration
+from headalloc.compression.families import AttentionWeights, FamilyAdapter, adapter_for
+from headalloc.compression.modeling_headalloc import HeadallocConfig, HeadallocForCausalLM, ReducedAttention
+from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A teacher's attention shape: head width, kv heads, query heads per kv head, hidden size, layers."""
+
+    head_dim: int
+    n_kv: int
+    n_rep: int
+    hidden: int
+    n_layers: int
+    bias: tuple = ()  # projections with biases, e.g. ("q", "k", "v")
+    qk_norm: bool = False
+    qk_reducible: bool = True
+
+    @classmethod
+    def of(cls, model) -> "Geometry":
+        ad = adapter_for(model)
+        cfg = model.config
+        w = ad.weights(model, 0)
+        return cls(ad.head_dim(cfg), ad.n_kv_heads(cfg), ad.n_rep(cfg), ad.hidden_size(cfg), ad.n_layers(cfg),
+                   tuple(k for k, v in w.bias.items() if v), w.q_norm is not None, ad.qk_reducible)
+
+    def spec(self, lp: LayerPlan) -> HeadSpec:
+        """The shape (no rope pairs) that a layer plan gives in this model: what budgets count."""
+        return lp.shape(self.n_kv, self.n_rep, {b: True for b in self.bias}, self.qk_norm)
+
+    def full(self) -> LayerPlan:
+        return LayerPlan(self.head_dim, self.head_dim)
+
+
+def _sym_sqrt(C: torch.Tensor, eps: float = 1e-6):
+    w, V = torch.linalg.eigh(C)
+    w = w.clamp_min(eps * w.max())
+    return (V * w.sqrt()) @ V.T, (V / w.sqrt()) @ V.T
+
+
+def _aug(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """[W | b] in float64 (b = 0 when absent): the map on x~ = [x; 1]."""
+    W = W.double()
+    col = b.double()[:, None] if b is not None else W.new_zeros(W.shape[0], 1)
+    return torch.cat([W, col], 1)
+
+
+@torch.no_grad()
+def pair_importance(w: AttentionWeights, M: torch.Tensor | None, g: Geometry) -> torch.Tensor:
+    """(n_kv, head_dim/2) logit energy of each rotary pair, summed over the query heads of the group."""
+    hd = g.head_dim
+    Wq = _aug(w.q, w.q_bias).cpu().view(g.n_kv * g.n_rep, hd, -1)
+    Wk = _aug(w.k, w.k_bias).cpu().view(g.n_kv, hd, -1)
+    M = torch.eye(Wq.shape[-1], dtype=torch.float64) if M is None else M.double()
+    e_q = torch.einsum("hdi,ij,hdj->hd", Wq, M, Wq)  # E|q_{h,d}|^2 per coordinate
+    e_k = torch.einsum("gdi,ij,gdj->gd", Wk, M, Wk)
+    half = hd // 2
+    pq = (e_q[:, :half] + e_q[:, half:]).view(g.n_kv, g.n_rep, half).sum(1)  # per pair, summed over the group
+    pk = e_k[:, :half] + e_k[:, half:]
+    return pq * pk
+
+
+def low_rank_svd(M: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of the product M @ N, M (m, r), N (r, n), r small, without forming it: QR of both
+    factors, then the SVD of an r x r core. Returns U (m, r), S (r,), Vh (r, n) with U diag(S) Vh = M N
+    (the product has rank <= r, so nothing is lost)."""
+    Qm, Rm = torch.linalg.qr(M)
+    Qn, Rn = torch.linalg.qr(N.transpose(0, 1))
+    u, S, vh = torch.linalg.svd(Rm @ Rn.transpose(0, 1))
+    return Qm @ u, S, vh @ Qn.transpose(0, 1)
+
+
+@torch.no_grad()
+def value_output_svd(w: AttentionWeights, M: torch.Tensor | None, g: Geometry, v_new: int,
+                     keep_rep: list[list[int]] | None = None, cache: dict | None = None):
+    """Reduced (W_V~, W_O) of width v_new per kv head by SVD of each group's value-output map; W_V~
+    has a last column (the bias) when the teacher's values have a bias.
+
+    `cache` (a dict kept by the caller) stores each group's SVD, so other widths are slices."""
+    hd, hidden = g.head_dim, g.hidden
+    with_bias = w.v_bias is not None
+    Wv = (_aug(w.v, w.v_bias) if with_bias else w.v.double()).cpu().view(g.n_kv, hd, -1)
+    Wo = w.o.double().cpu().view(hidden, g.n_kv, g.n_rep, hd)
+    if M is not None:
+        C = M.double() if with_bias else M.double()[:-1, :-1]
+        Cs, Cis = cache["sqrt"] if cache is not None and "sqrt" in cache else _sym_sqrt(C)
+        if cache is not None:
+            cache["sqrt"] = (Cs, Cis)
+    new_v, new_o = [], []
+    for kv in range(g.n_kv):
+        reps = list(range(g.n_rep)) if keep_rep is None else keep_rep[kv]
+        key = (kv, tuple(reps))
+        if cache is not None and key in cache:
+            U, S, Vh = cache[key]
+        else:
+            A = torch.cat([Wo[:, kv, h] for h in reps], dim=0)  # value-output map = A @ W_V
+            U, S, Vh = low_rank_svd(A, Wv[kv] @ Cs if M is not None else Wv[kv])
+            if cache is not None:
+                cache[key] = (U, S, Vh)
+        k = min(v_new, S.numel())
+        V_new = Vh[:k] @ Cis if M is not None else Vh[:k]  # (k, in)
+        O_new = (U[:, :k] * S[:k]).view(len(reps), hidden, k)
+        if k < v_new:  # pad (rank-deficient group): zero directions change nothing
+            V_new = torch.cat([V_new, V_new.new_zeros(v_new - k, V_new.shape[1])])
+            O_new = torch.cat([O_new, O_new.new_zeros(len(reps), hidden, v_new - k)], dim=2)
+        new_v.append(V_new)
+        new_o.append(O_new)
+    return new_v, new_o  # per group: (v_new, in), (reps, hidden, v_new)
+
+
+@torch.no_grad()
+def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
+                 cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
+    """One layer's reduced head spec and weights (float32, CPU) from the teacher's weights `w`.
+    `M`: the layer's augmented second moment (data-aware), or None (weights only)."""
+    hd = g.head_dim
+    if lp.qk_dim % 2 or not 2 <= lp.qk_dim <= hd or not 1 <= lp.v_dim <= hd:
+        raise ValueError(f"layer {layer_idx}: qk_dim must be even in [2, {hd}] and v_dim in [1, {hd}]; got "
+                         f"qk_dim={lp.qk_dim}, v_dim={lp.v_dim}")
+    if w.q_norm is not None and lp.qk_dim != hd:
+        raise ValueError(f"layer {layer_idx}: this family normalises every query and key head over its full width "
+                         f"{hd} (q_norm/k_norm), so the query-key width cannot be narrowed exactly (asked {lp.qk_dim}); "
+                         f"narrow the value width or remove heads instead (the strategies do this for this family)")
+    keep_kv = list(range(g.n_kv)) if lp.keep_kv is None else list(lp.keep_kv)
+    keep_rep = [list(range(g.n_rep))] * len(keep_kv) if lp.keep_rep is None else [list(r) for r in lp.keep_rep]
+    if not keep_kv or len(keep_rep) != len(keep_kv) or len({len(r) for r in keep_rep}) != 1 or not keep_rep[0]:
+        raise ValueError(f"layer {layer_idx}: keep at least one kv head, and the same number (>= 1) of query heads "
+                         f"in every kept group; got keep_kv={keep_kv}, keep_rep={keep_rep}")
+    if any(not 0 <= k < g.n_kv for k in keep_kv) or any(not 0 <= h < g.n_rep for r in keep_rep for h in r):
+        raise ValueError(f"layer {layer_idx}: head index out of range ({g.n_kv} kv heads, {g.n_rep} query heads "
+                         f"each); got keep_kv={keep_kv}, keep_rep={keep_rep}")
+    n_rep = len(keep_rep[0])
+    if lp.qk_dim == hd:
+        pairs = [list(range(hd // 2)) for _ in keep_kv]
+    else:
+        imp = pair_importance(w, M, g)
+        pairs = [sorted(torch.topk(imp[kv], lp.qk_dim // 2).indices.tolist()) for kv in keep_kv]
+    f32 = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+    Wq, Wk = f32(w.q).view(g.n_kv, g.n_rep, hd, -1), f32(w.k).view(g.n_kv, hd, -1)
+    bq = f32(w.q_bias).view(g.n_kv, g.n_rep, hd) if w.q_bias is not None else None
+    bk = f32(w.k_bias).view(g.n_kv, hd) if w.k_bias is not None else None
+    q_rows, k_rows, q_b, k_b = [], [], [], []
+    for j, (kv, ps) in enumerate(zip(keep_kv, pairs)):
+        idx = torch.tensor(ps + [p + hd // 2 for p in ps])
+        k_rows.append(Wk[kv, idx])
+        q_rows += [Wq[kv, h, idx] for h in keep_rep[j]]
+        if bk is not None:
+            k_b.append(bk[kv, idx])
+        if bq is not None:
+            q_b += [bq[kv, h, idx] for h in keep_rep[j]]
+    reps_all = [keep_rep[keep_kv.index(kv)] if kv in keep_kv else list(range(g.n_rep)) for kv in range(g.n_kv)]
+    vs, os_ = value_output_svd(w, M, g, lp.v_dim, keep_rep=reps_all, cache=cache)
+    v_full = torch.cat([vs[kv] for kv in keep_kv]).float()
+    o_cols = torch.cat([os_[kv][j] for kv in keep_kv for j in range(n_rep)], dim=1).float()
+    v_bias = v_full[:, -1].contiguous() if w.v_bias is not None else None
+    spec = HeadSpec(len(keep_kv), n_rep, lp.qk_dim, lp.v_dim, pairs, w.scale, w.bias, w.q_norm is not None)
+    red = AttentionWeights(q=torch.cat(q_rows), k=torch.cat(k_rows),
+                           v=v_full[:, :-1].contiguous() if v_bias is not None else v_full, o=o_cols,
+                           q_bias=torch.cat(q_b) if q_b else None, k_bias=torch.cat(k_b) if k_b else None,
+                           v_bias=v_bias, o_bias=f32(w.o_bias), q_norm=f32(w.q_norm), k_norm=f32(w.k_norm),
+                           scale=w.scale)
+    return spec, red
+
+
+def _state(w: AttentionWeights) -> dict:
+    sd = {"q_proj.weight": w.q, "k_proj.weight": w.k, "v_proj.weight": w.v, "o_proj.weight": w.o}
+    for name, t in (("q_proj.bias", w.q_bias), ("k_proj.bias", w.k_bias), ("v_proj.bias", w.v_bias),
+                    ("o_proj.bias", w.o_bias), ("q_norm.weight", w.q_norm), ("k_norm.weight", w.k_norm)):
+        if t is not None:
+            sd[name] = t
+    return sd
+
+
+@torch.no_grad()
+def attention_module(text_config, spec: HeadSpec, w: AttentionWeights, layer_idx: int = 0,
+                     device=None, dtype=None) -> ReducedAttention:
+    """The student attention layer (the module the saved model runs) holding weights `w`."""
+    with torch.device("meta"):
+        m = ReducedAttention(text_config, spec.to_dict(), layer_idx)
+    sd = {k: v.to(device=device or v.device, dtype=dtype or v.dtype) for k, v in _state(w).items()}
+    m.load_state_dict(sd, assign=True, strict=True)
+    return m
+
+
+@torch.no_grad()
+def build_student(teacher, specs: list[HeadSpec], weights: list[AttentionWeights], plan_info: dict | None = None,
+                  dtype: torch.dtype | None = None) -> HeadallocForCausalLM:
+    """A HeadallocForCausalLM whose attention layers are `specs`/`weights` and whose every other weight is
+    the teacher's (copied), on the teacher's device, in `dtype` (default: the teacher's)."""
+    ad = adapter_for(teacher)
+    param = next(teacher.parameters())
+    dtype = dtype or param.dtype
+    cfg = HeadallocConfig(text_config=teacher.config.to_dict(), attn_layers=[s.to_dict() for s in specs],
+                          headalloc_plan=plan_info)
+    cfg.architectures = ["HeadallocForCausalLM"]
+    with torch.device("meta"):
+        student = HeadallocForCausalLM(cfg)
+    key = ad.attention_key()
+    sd = {k: v for k, v in teacher.state_dict().items() if key not in k}
+    for i, w in enumerate(weights):
+        sd.update({f"model.layers.{i}.self_attn.{k}": v for k, v in _state(w).items()})
+    # a fresh copy of every tensor, on the teacher's device (or each layer's, under a device map)
+    dev_of = {n: p.device for n, p in teacher.named_parameters()}
+    sd = {k: v.detach().to(device=dev_of.get(k, param.device), dtype=dtype, copy=True) for k, v in sd.items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = student.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"student and teacher weights do not line up: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}")
+    for name, buf in teacher.named_buffers():  # rotary inverse frequencies etc. (not in the state dict)
+        try:
+            tgt = student.get_buffer(name)
+        except AttributeError:
+            continue
+        if tgt.is_meta:
+            mod, _, attr = name.rpartition(".")
+            student.get_submodule(mod).register_buffer(attr, buf.detach().clone(), persistent=False)
+    if cfg.tie_word_embeddings:
+        student.lm_head.weight = student.model.embed_tokens.weight
+    for name, p in list(student.named_parameters()) + list(student.named_buffers()):
+        if p.is_meta:
+            raise RuntimeError(f"student tensor {name} was not initialised from the teacher")
+    student.config.text_config._attn_implementation = teacher.config._attn_implementation
+    if getattr(teacher, "hf_device_map", None):
+        student.hf_device_map = teacher.hf_device_map
+    return student.eval()
+
+
+@torch.no_grad()
+def compress_model(teacher, plan: Plan | list[LayerPlan], calibration: Calibration | None = None,
+                   dtype: torch.dtype | None = None) -> HeadallocForCausalLM:
+    """The student that `plan` gives, initialised from `teacher` (data-aware with a calibration)."""
+    ad = adapter_for(teacher)
+    g = Geometry.of(teacher)
+    layers = list(plan)
+    if len(layers) != g.n_layers:
+        raise ValueError(f"plan has {len(layers)} layers; the model has {g.n_layers}")
+    specs, weights = [], []
+    for i, lp in enumerate(layers):
+        M = None if calibration is None else calibration.second_moment[i]
+        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i)
+        specs.append(s)
+        weights.append(w)
+    info = plan.to_dict(with_info=False) if isinstance(plan, Plan) else {"layers": [lp.to_dict() for lp in layers]}
+    return build_student(teacher, specs, weights, info, dtype)
+
+
+def identity_plan(model) -> Plan:
+    g = Geometry.of(model)
+    return Plan([g.full() for _ in range(g.n_layers)], "identity", 1.0)
+
+
+def student_specs(model) -> list[HeadSpec]:
+    """Per-layer head specs of any supported model: a student's own, or a teacher's full shape."""
+    if getattr(model.config, "model_type", None) == "headalloc":
+        return [HeadSpec.from_dict(a) for a in model.config.attn_layers]
+    g = Geometry.of(model)
+    return [g.spec(g.full()) for _ in range(g.n_layers)]

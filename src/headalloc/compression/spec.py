@@ -1,0 +1,112 @@
+"""Typed objects that flow through compression: a layer's head spec, a layer's plan, the whole plan.
+
+`HeadSpec` is the one definition of a layer's attention shape and of what it costs (parameters,
+KV-cache entries per token); `LayerPlan` says what a strategy keeps in one layer; `Plan` is a
+strategy's answer for the whole model, with its provenance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class HeadSpec:
+    """One attention layer: n_kv_heads kv heads, n_rep query heads each, query-key width qk_dim and
+    value width v_dim per head; rotary pairs kept per kv head; which projections carry biases;
+    per-head q/k norms. The dict form is what `modeling_headalloc` reads from config.json."""
+
+    n_kv_heads: int
+    n_rep: int
+    qk_dim: int
+    v_dim: int
+    rope_pairs: list[list[int]] | None = None
+    scale: float = 1.0
+    bias: dict = field(default_factory=dict)
+    qk_norm: bool = False
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_kv_heads * self.n_rep
+
+    def params(self, hidden: int) -> int:
+        """Attention parameters: the four projections, their biases and the q/k norm weights."""
+        nq, g, k, v = self.n_heads, self.n_kv_heads, self.qk_dim, self.v_dim
+        weights = hidden * (nq * k + g * (k + v)) + nq * v * hidden
+        b = self.bias or {}
+        biases = (nq * k if b.get("q") else 0) + (g * k if b.get("k") else 0) + (g * v if b.get("v") else 0) \
+            + (hidden if b.get("o") else 0)
+        return weights + biases + (2 * k if self.qk_norm else 0)
+
+    def kv_size(self) -> int:
+        """KV-cache entries per token (multiply by the element size for bytes)."""
+        return self.n_kv_heads * (self.qk_dim + self.v_dim)
+
+    def context_flops(self) -> int:
+        """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head."""
+        return 2 * self.n_heads * (self.qk_dim + self.v_dim)
+
+    def cost(self, hidden: int, kind: str) -> int:
+        """What a budget counts: "params" or "kv"."""
+        if kind == "kv":
+            return self.kv_size()
+        if kind == "params":
+            return self.params(hidden)
+        raise ValueError(f"budget kind must be 'params' or 'kv'; got {kind!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class LayerPlan:
+    """What one layer keeps: kv heads, query heads per kv head, qk and v widths."""
+
+    qk_dim: int
+    v_dim: int
+    keep_kv: list[int] | None = None  # indices of kept kv heads (None: all)
+    keep_rep: list[list[int]] | None = None  # per kept kv head, kept query heads (None: all)
+
+    def shape(self, n_kv: int, n_rep: int, bias: dict | None = None, qk_norm: bool = False) -> HeadSpec:
+        """The HeadSpec this choice gives in a layer of n_kv kv heads with n_rep query heads each."""
+        g = n_kv if self.keep_kv is None else len(self.keep_kv)
+        r = n_rep if self.keep_rep is None else len(self.keep_rep[0])
+        return HeadSpec(g, r, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerPlan":
+        return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep")})
+
+
+@dataclass
+class Plan:
+    """A strategy's per-layer choice at a budget, with what it measured to get there."""
+
+    layers: list[LayerPlan]
+    strategy: str = ""
+    budget: float = 1.0
+    budget_kind: str = "params"
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def to_dict(self, with_info: bool = True) -> dict:
+        d = {"strategy": self.strategy, "budget": self.budget, "budget_kind": self.budget_kind,
+             "layers": [lp.to_dict() for lp in self.layers]}
+        if with_info:
+            d.update({k: v for k, v in self.info.items() if k not in d})
+        return d

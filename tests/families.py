@@ -1,0 +1,49 @@
+"""Tiny random models built from each supported family's own config class (offline, no download),
+with every weight randomised (biases and norm weights included, so that they matter)."""
+
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+COMMON = dict(vocab_size=96, hidden_size=96, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(**COMMON, head_dim=16, tie_word_embeddings=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
+
+
+def _llama_bias():
+    return LlamaForCausalLM(LlamaConfig(**COMMON, head_dim=16, attention_bias=True))
+
+
+def _mistral():
+    return MistralForCausalLM(MistralConfig(**COMMON, head_dim=16, sliding_window=12))
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False))
+
+
+def _qwen3():
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
+
+
+def _phi3():
+    return Phi3ForCausalLM(Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+BUILDERS = {"llama": _llama, "llama-bias": _llama_bias, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
+            "phi3": _phi3}
+
+
+def tiny(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = BUILDERS[family]()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
