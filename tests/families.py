@@ -47,3 +47,26 @@ def tiny(family: str, seed: int = 0):
             if name.endswith("bias") or "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
     return model.eval()
+
+
+def tiny_tokenizer(folder):
+    """A small word-piece tokenizer trained on the Python docs that CPython ships (offline)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(topics.values()), trainers.WordLevelTrainer(vocab_size=96, special_tokens=[
+        "<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_folder(family, folder, dtype=torch.float32):
+    """A complete local checkpoint folder (config, safetensors weights, tokenizer) of a tiny model."""
+    model = tiny(family).to(dtype)
+    model.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    return folder

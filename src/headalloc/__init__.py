@@ -16,3 +16,17 @@ try:  # registration needs transformers; the theory works without it
     import headalloc.compression.register  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
+
+
+def __getattr__(name: str):
+    """The Python API of `headalloc compress`, imported on first use: `headalloc.compress(...)`
+    (see `headalloc.compression.pipeline.compress`) and its settings, `headalloc.CompressConfig`."""
+    if name == "compress":
+        from headalloc.compression.pipeline import compress
+
+        return compress
+    if name == "CompressConfig":
+        from headalloc.compression.settings import CompressConfig
+
+        return CompressConfig
+    raise AttributeError(f"module 'headalloc' has no attribute {name!r}")

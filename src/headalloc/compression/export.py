@@ -103,7 +103,11 @@ def save_compressed(model, tokenizer, out: str | os.PathLike, record: dict | Non
     out = check_output(out, overwrite)
     record = dict(record or {})
     if dtype is not None and next(model.parameters()).dtype != dtype:
-        model = model.to(dtype)
+        import copy
+
+        from headalloc.compression.reduce import cast_parameters
+
+        model = cast_parameters(copy.deepcopy(model), dtype)  # the in-memory model keeps its dtype
     with atomic_directory(out, replace=True) as tmp:
         model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(tmp, safe_serialization=True)

@@ -102,11 +102,21 @@ def check_model(name_or_path: str) -> Path:
     return path
 
 
+def base_model_name(model_or_name) -> str:
+    """What a model card names as the base: a hub id where one is known, never a machine-local path."""
+    from headalloc.assets.models import HUB_IDS
+
+    if isinstance(model_or_name, str) and model_or_name in HUB_IDS:
+        return HUB_IDS[model_or_name]
+    name = str(getattr(getattr(model_or_name, "config", None), "_name_or_path", "") or model_or_name)
+    return Path(name).name if os.path.isabs(name) or os.path.exists(name) else name
+
+
 def _max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def compress(model_or_path="smollm2", *, budget: float | None = None, strategy: str | None = None,
+def compress(model_or_path=None, *, budget: float | None = None, strategy: str | None = None,
              preset: str = "default", config: CompressConfig | None = None, tokenizer=None,
              calibration_data: Calibration | None = None, evaluate: bool = True, progress: bool = True,
              keep_stages: bool = False, **settings) -> CompressionResult:
@@ -117,13 +127,13 @@ def compress(model_or_path="smollm2", *, budget: float | None = None, strategy: 
     `keep_stages`: also measure perplexity after the layer-local stage alone."""
     from headalloc.assets import load_model
     from headalloc.compression.distill import distill_end_to_end, distill_layerwise
-    from headalloc.compression.reduce import Geometry, compress_model
+    from headalloc.compression.reduce import Geometry, cast_parameters, compress_model
     from headalloc.compression.strategies import make_plan
     from headalloc.evaluation.lm import counts, perplexity
 
-    given_model = not isinstance(model_or_path, (str, os.PathLike))
+    given_model = model_or_path is not None and not isinstance(model_or_path, (str, os.PathLike))
     over = {k: v for k, v in dict(budget=budget, strategy=strategy, **settings).items() if v is not None}
-    if not given_model:
+    if model_or_path is not None and not given_model:
         over["model"] = str(model_or_path)
     cfg = (replace(config, **over) if config is not None else make_preset(preset, **over)).validate()
     n = 5 if evaluate else 4
@@ -145,7 +155,7 @@ def compress(model_or_path="smollm2", *, budget: float | None = None, strategy: 
     ev = eval_windows(tok, cfg) if evaluate else None  # checks there is enough text before any work
     fit_dtype = getattr(torch, cfg.fit_dtype)
     teacher_dtype = next(teacher.parameters()).dtype
-    metrics: dict = {"base_model": getattr(teacher.config, "_name_or_path", None) or cfg.model,
+    metrics: dict = {"base_model": base_model_name(cfg.model if not given_model else teacher),
                      "teacher_dtype": str(teacher_dtype).replace("torch.", "")}
 
     t0 = time.time()
@@ -185,8 +195,7 @@ def compress(model_or_path="smollm2", *, budget: float | None = None, strategy: 
             metrics["end_to_end"] = kd
     metrics["seconds_distill"] = time.time() - t1
     save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else teacher_dtype
-    if next(student.parameters()).dtype != save_dtype:
-        student = student.to(save_dtype)
+    cast_parameters(student, save_dtype)
     if evaluate:
         _stage(progress, n, n, f"evaluation: {cfg.eval_windows} validation windows of {cfg.eval_length} tokens")
         tkey = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)

@@ -270,6 +270,16 @@ def compress_model(teacher, plan: Plan | list[LayerPlan], calibration: Calibrati
     return build_student(teacher, specs, weights, info, dtype)
 
 
+@torch.no_grad()
+def cast_parameters(model, dtype: torch.dtype):
+    """Parameters to `dtype`, buffers untouched (rotary inverse frequencies stay float32, as transformers
+    keeps them when it loads a model in a lower precision)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def identity_plan(model) -> Plan:
     g = Geometry.of(model)
     return Plan([g.full() for _ in range(g.n_layers)], "identity", 1.0)

@@ -1,0 +1,101 @@
+"""The compression job as a user drives it: the Python API and the CLI on a local folder, in bfloat16,
+with the output folder's safety rules and the settings' one source of truth."""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from families import tiny_folder
+from safetensors import safe_open
+
+import headalloc
+from headalloc.cli import build_parser, main
+from headalloc.compression.settings import PRESETS, CompressConfig, config_from_args
+
+TINY = dict(corpus="pydoc", calib_windows=2, calib_length=32, distill_steps=2, kd_steps=2, kd_windows=2, kd_length=32,
+            eval_windows=2, eval_length=32, step=4)
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    return tiny_folder("qwen2", tmp_path_factory.mktemp("qwen2-bf16"), torch.bfloat16)
+
+
+def test_bfloat16_end_to_end_compress_save_load(bf16_folder, tmp_path):
+    r = headalloc.compress(str(bf16_folder), budget=0.5, strategy="measured", progress=False, **TINY)
+    assert r.config.fit_dtype == "float32" and r.metrics["teacher_dtype"] == "bfloat16"
+    assert next(r.model.parameters()).dtype == torch.bfloat16  # the original's dtype, after fitting in float32
+    assert r.model.config.text_config.model_type == "qwen2"
+    assert r.metrics["after_distill"]["ppl"] > 1 and r.metrics["teacher"]["ppl"] > 1
+    out = r.save(tmp_path / "out")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    x = torch.randint(3, 96, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, r.model(x).logits)
+    card = (out / "README.md").read_text()
+    assert "base_model: " in card and "| perplexity |" in card and str(tmp_path) not in card
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only", "name_or_path"} & set(tok_cfg)
+    # saving in another dtype on request
+    out32 = r.save(tmp_path / "out32", dtype="float32")
+    with safe_open(out32 / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_out_is_never_a_foreign_folder_and_overwrite_is_opt_in(bf16_folder, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    args = ["compress", "--model", str(bf16_folder), "--budget", "0.5", "--strategy", "uniform"] + \
+        [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(args + ["--out", str(foreign)]) == 2
+    assert "did not write" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
+    assert main(args + ["--out", str(foreign), "--overwrite"]) == 2  # even with --overwrite
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert main(args + ["--out", str(afile)]) == 2 and "existing file" in capsys.readouterr().err
+    ours = tmp_path / "ours"
+    assert main(args + ["--out", str(ours)]) == 0 and (ours / "headalloc.json").exists()
+    assert main(args + ["--out", str(ours)]) == 2 and "--overwrite" in capsys.readouterr().err
+    stamp = (ours / "headalloc.json").stat().st_mtime_ns
+    assert main(args + ["--out", str(ours), "--overwrite"]) == 0
+    assert (ours / "headalloc.json").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "mine", "ours"]  # no temporaries left
+
+
+def test_every_setting_is_a_flag_with_its_default_in_the_help():
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
+    by_dest = {a.dest: a for a in sub._actions}
+    for f in fields(CompressConfig):
+        assert f.name in by_dest, f.name
+        assert f"default: {f.default}" in by_dest[f.name].help, f.name
+    args = ap.parse_args(["compress", "--kd-steps", "7", "--no-kd-tail", "--quick", "--save-dtype", "bfloat16"])
+    cfg = config_from_args(args)
+    assert (cfg.kd_steps, cfg.kd_tail, cfg.save_dtype) == (7, False, "bfloat16")
+    assert cfg.calib_windows == PRESETS["quick"].calib_windows  # the preset under the flags
+    assert config_from_args(ap.parse_args(["compress"])) == PRESETS["default"]
+
+
+@pytest.mark.parametrize("flag,value,message", [("--budget", "2", "budget must be a fraction"),
+                                                ("--kd-steps", "-3", "kd_steps must be >= 0"),
+                                                ("--distill-steps", "-1", "distill_steps must be >= 0"),
+                                                ("--eval-length", "1", "eval_length must be >= 2")])
+def test_bad_settings_fail_before_any_work(flag, value, message, capsys, tmp_path):
+    assert main(["compress", flag, value, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_family_folder_is_refused_before_loading(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)  # no weights: never loaded
+    assert main(["compress", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "supported families" in capsys.readouterr().err
