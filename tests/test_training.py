@@ -76,20 +76,25 @@ def test_sweep_store_skips_finished_runs_and_survives_interruption(tmp_path, mon
     calls = []
     import headalloc.training.runs as runs
 
+    killed = []
+
     def flaky(cfg):
         calls.append(cfg["label"])
-        if cfg["label"] == "r2":
-            raise KeyboardInterrupt  # killed midway
+        if cfg["label"] == "r2" and not killed:
+            killed.append(1)
+            raise KeyboardInterrupt  # killed midway, the first time only
         return runs.run_synthetic(cfg)
 
     monkeypatch.setattr(runs, "flaky", flaky, raising=False)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(configs, store, "headalloc.training.runs:flaky", progress=False)
-    assert len(SweepStore(store)) == 2  # the two finished runs are kept, complete
+    assert calls == ["r0", "r1", "r2"] and len(SweepStore(store)) == 2  # the finished runs are kept
     calls.clear()
-    results = run_sweep(configs, store, "headalloc.training.runs:run_synthetic", progress=False)
-    assert calls == [] and all(r is not None for r in results)
-    assert len(SweepStore(store)) == 3
+    results = run_sweep(configs, store, "headalloc.training.runs:flaky", progress=False)
+    assert calls == ["r2"] and all(r is not None for r in results)  # only the unfinished run is recomputed
+    calls.clear()
+    run_sweep(configs, store, "headalloc.training.runs:flaky", progress=False)
+    assert calls == [] and len(SweepStore(store)) == 3
     with sqlite3.connect(store) as c:
         assert c.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 3
 
@@ -117,3 +122,17 @@ def test_sweep_on_local_ray_instance(tmp_path):
     a = run_sweep(cfgs, tmp_path / "a.sqlite", progress=False)
     b = run_sweep(cfgs, tmp_path / "ray.sqlite", executor="ray", progress=False)
     assert [r["val"] for r in a] == [r["val"] for r in b]
+
+
+def test_sweep_command_runs_a_tiny_sweep(tmp_path, capsys):
+    """The `headalloc sweep` command end to end (its --fn flag once collided with the subcommand's)."""
+    import json
+
+    from headalloc.cli import main
+
+    cfg = tmp_path / "runs.json"
+    cfg.write_text(json.dumps(_tiny_configs(2)))
+    store = tmp_path / "s.sqlite"
+    assert main(["sweep", "--config", str(cfg), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs in" in out and len(SweepStore(store)) == 2

@@ -152,8 +152,11 @@ def compute(ctx: RunContext) -> dict:
 
 def table(rec: dict) -> list[dict]:
     s = rec["summary"]
-    rows = [{"quantity": f"{k}: val loss (mean ± std over {v['seeds']} seeds)", "paper": "",
-             "measured": f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f}; attn params {v['attention_params']:,}",
+    from headalloc.reports import mean_spread
+
+    rows = [{"quantity": f"{k}: val loss", "paper": "",
+             "measured": f"{mean_spread(v['val_loss_mean'], v['val_loss_std'], v['seeds'], '.4f')}; "
+                         f"attn params {v['attention_params']:,}",
              "match": None} for k, v in s.items()]
     if "uniform" in s and "principle" in s:
         u, p = s["uniform"], s["principle"]

@@ -84,8 +84,10 @@ def plot_fourgram(rec: dict, out: Path) -> list[Path]:
 
 
 def table_fourgram(rec: dict) -> list[dict]:
+    from headalloc.reports import mean_spread
+
     rows = [{"quantity": f"val MSE, H={h}", "paper": f"{PAPER_FOURGRAM_VAL[h]:.4f}",
-             "measured": f"{m:.4g} ± {s:.2g}", "match": None}
+             "measured": mean_spread(m, s, len(rec["config"]["settings"]["seeds"])), "match": None}
             for h, m, s in zip(rec["heads_per_group"], rec["val_mse_mean"], rec["val_mse_std"])]
     rows.append({"quantity": "empirical argmin H", "paper": "8", "measured": str(rec["argmin_empirical"]),
                  "match": rec["argmin_empirical"] == 8})

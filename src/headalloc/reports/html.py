@@ -29,6 +29,7 @@ def build_report(out: Path, exps: list[Experiment]) -> Path:
              "img{max-width:520px;margin:4px}pre{background:#f6f6f6;padding:6px;overflow:auto}</style>",
              "</head><body><h1>headalloc: paper vs measured</h1>"]
     summary = []
+    top = len(parts)  # the summary goes right under the page title, above every experiment
     for exp in exps:
         path = result_path(out, exp)
         parts.append(f"<h2 id='{exp.name}'>{html.escape(exp.title)} <small>({exp.name})</small></h2>")
@@ -63,6 +64,6 @@ def build_report(out: Path, exps: list[Experiment]) -> Path:
             ok = sum(1 for r in judged if r.get("match"))
             head.append(f"<tr><td><a href='#{exp.name}'>{exp.name}</a></td><td>{ok} / {len(judged)}</td></tr>")
     head.append("</table>")
-    parts[4:4] = head
+    parts[top:top] = head
     parts.append("</body></html>")
     return atomic_write_text(out / "report.html", "\n".join(parts))
