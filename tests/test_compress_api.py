@@ -99,3 +99,41 @@ def test_unsupported_family_folder_is_refused_before_loading(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)  # no weights: never loaded
     assert main(["compress", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "supported families" in capsys.readouterr().err
+
+
+def test_device_map_placement_gives_the_same_student(tmp_path):
+    """A teacher loaded with device_map="auto" gives the same compressed model as a plain load, and a
+    teacher that accelerate placed (hf_device_map) gets a student dispatched to the same placement.
+    (With one device transformers places without a map; a multi-GPU run is not tested here.)"""
+    from headalloc.compression.reduce import compress_model
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    kw = dict(budget=0.5, strategy="uniform", progress=False, **TINY)
+    a = headalloc.compress(str(folder), **kw)
+    b = headalloc.compress(str(folder), device_map="auto", **kw)
+    x = torch.randint(3, 96, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(x).logits, a.model(x).logits)
+    a.teacher.hf_device_map = {"": "cpu"}
+    placed = compress_model(a.teacher, a.plan)
+    assert placed.hf_device_map == {"": "cpu"}
+    with torch.no_grad():
+        torch.testing.assert_close(placed(x).logits, compress_model(a.teacher, a.plan)(x).logits)
+
+
+def test_calibration_text_from_a_jsonl_file(tmp_path):
+    from pydoc_data.topics import topics
+
+    from headalloc.assets.corpus import load_corpus
+
+    p = tmp_path / "docs.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t, "id": k}) for k, t in sorted(topics.items())) + "\n")
+    c = load_corpus(str(p))
+    assert len(c.documents) == len([t for t in topics.values() if t.strip()])
+    folder = tiny_folder("mistral", tmp_path / "mistral")
+    r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False, **{**TINY, "corpus": str(p)})
+    assert r.metrics["evaluation"]["corpus"] == str(p)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text field"}\n')
+    with pytest.raises(ValueError, match="no string field 'text'"):
+        load_corpus(str(bad))

@@ -246,8 +246,10 @@ def build_student(teacher, specs: list[HeadSpec], weights: list[AttentionWeights
         if p.is_meta:
             raise RuntimeError(f"student tensor {name} was not initialised from the teacher")
     student.config.text_config._attn_implementation = teacher.config._attn_implementation
-    if getattr(teacher, "hf_device_map", None):
-        student.hf_device_map = teacher.hf_device_map
+    if getattr(teacher, "hf_device_map", None):  # the same placement as the teacher, with accelerate's hooks
+        from accelerate import dispatch_model
+
+        student = dispatch_model(student, device_map=teacher.hf_device_map)
     return student.eval()
 
 
