@@ -43,7 +43,8 @@ def main():
     data = calibration(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
     t_ppl = perplexity(teacher, ev, progress=False)["ppl"]
-    print(f"original perplexity {t_ppl:.2f} ({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
+    print(f"fitting text: {cfg.fit_text} ('{cfg.corpus}' train split); original perplexity {t_ppl:.2f} "
+          f"({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
@@ -57,8 +58,12 @@ def main():
         m = r.metrics
         p = m["after_distill"]["ppl"]
         mid = f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else ""
+        ho = m.get("heldout")
+        held = (f"; held-out '{ho['corpus']}' {ho['teacher']['ppl']:.2f} -> {ho['before']['ppl']:.2f} -> "
+                f"{ho['after']['ppl']:.2f} ({ho['after']['ppl'] / ho['teacher']['ppl']:.2f}x, {ho['windows']} windows "
+                f"of {ho['length']})" if ho else "")
         models[strat] = r.model
-        print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original)   "
+        print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}   "
               f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
               f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
     if a.no_speed:

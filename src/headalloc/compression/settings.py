@@ -26,6 +26,12 @@ class CompressConfig:
     # calibration text: planning, calibration and both distillation stages read only its train split
     corpus: str = _f("wiki", "calibration/distillation text: 'wiki', 'pydoc', a text file (documents separated "
                              "by blank lines) or a .jsonl file of {\"text\": ...} documents", "calibration")
+    fit_text: str = _f("corpus", "text the student is fitted on (planning, both distillation stages): windows of "
+                                 "--corpus, the original model's own samples continuing short --corpus prompts "
+                                 "('generated'), or half of each ('mixed')", "calibration",
+                       ("corpus", "generated", "mixed"))
+    gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
+    gen_prompt: int = _f(8, "tokens of --corpus that start each generated window", "calibration")
     calib_windows: int = _f(16, "calibration windows (planning and layer-local fitting)", "calibration")
     calib_length: int = _f(256, "tokens per calibration window", "calibration")
     # layer-local distillation
@@ -54,6 +60,10 @@ class CompressConfig:
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
+    heldout: str | None = _f("pydoc", "a second kind of text that nothing is fitted on, evaluated too ('pydoc': "
+                                      "CPython's language reference, long technical documents; a text or .jsonl "
+                                      "file; 'none' to skip)", "evaluation")
+    heldout_windows: int = _f(12, "windows of --heldout (length --eval-length)", "evaluation")
     seed: int = _f(0, "seed of every random draw (windows, fitting order)", "runtime")
     # where and in what precision
     dtype: str = _f("auto", "dtype the original is loaded in ('auto': the checkpoint's)", "runtime", DTYPES)
@@ -66,6 +76,10 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __post_init__(self):
+        if isinstance(self.heldout, str) and self.heldout.lower() == "none":
+            self.heldout = None
 
     def validate(self) -> "CompressConfig":
         """Clear errors for impossible settings, before any work."""
@@ -82,6 +96,11 @@ class CompressConfig:
         for name in ("distill_lr", "kd_lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.heldout is not None and self.heldout == self.corpus:
+            raise ValueError(f"heldout {self.heldout!r} is the fitting corpus; give another kind of text (or 'none')")
+        if not self.gen_temperature > 0 or self.gen_prompt < 1:
+            raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
+                             f"{self.gen_prompt}")
         if self.kd_hidden < 0:
             raise ValueError(f"kd_hidden must be >= 0; got {self.kd_hidden}")
         if self.eval_length < 2:
@@ -96,7 +115,7 @@ class CompressConfig:
 
 
 _QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
-              kd_steps=20, kd_windows=8)
+              kd_steps=20, kd_windows=8, heldout_windows=6)
 PRESETS: dict[str, CompressConfig] = {
     "default": CompressConfig(),
     "quick": replace(CompressConfig(), **_QUICK),

@@ -1,0 +1,82 @@
+"""The text a student is fitted on: windows of a corpus, or the original model's own samples.
+
+"generated": each window starts with `prompt` tokens of the corpus (train split) and continues with
+what the original model samples at `temperature` (its own distribution: data-free distillation in
+the spirit of generating the teacher's text; the prompts only vary the topics). Sampled once per
+setting and cached on disk (next to the converted models), so other strategies and budgets reuse
+them. "mixed": half corpus windows, half generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: int, temperature: float):
+    from headalloc.assets.models import cache_dir
+
+    cfg = teacher.config.to_dict()
+    ident = json.dumps({"cfg": {k: cfg.get(k) for k in sorted(cfg) if k not in ("_name_or_path",)},
+                        "w": float(next(teacher.parameters()).double().sum()), "corpus": corpus, "n": n,
+                        "length": length, "seed": seed, "prompt": prompt, "t": temperature}, sort_keys=True,
+                       default=str)
+    return cache_dir() / "generated" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.npy"
+
+
+@torch.no_grad()
+def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int, prompt: int = 8,
+                      temperature: float = 1.0, batch: int = 16, progress: bool = True) -> torch.Tensor:
+    """(n, length) token windows: `prompt` corpus tokens, then the teacher's samples (no early stop)."""
+    from headalloc.assets import token_windows
+    from headalloc.io import atomic_write_bytes
+
+    if length <= prompt:
+        raise ValueError(f"generated windows need length > prompt; got length {length}, prompt {prompt}")
+    path = _cache_path(teacher, corpus, n, length, seed, prompt, temperature)
+    if path.exists():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == (n, length):
+                return torch.from_numpy(arr)
+        except (OSError, ValueError):
+            pass  # damaged: sample again
+    prompts = token_windows(tok, corpus, "train", prompt, n, seed=seed + 7)
+    device = teacher.get_input_embeddings().weight.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for s in tqdm(range(0, n, batch), desc="sampling fitting text from the original", disable=not progress,
+                  leave=False):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        p = prompts[s:s + batch].to(device)
+        out = teacher.generate(p, attention_mask=torch.ones_like(p), do_sample=True, temperature=temperature,
+                               top_k=0, top_p=1.0, max_new_tokens=length - prompt, min_new_tokens=length - prompt,
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        rows.append(out[:, :length].cpu())
+    arr = torch.cat(rows)
+    buf = io.BytesIO()
+    np.save(buf, arr.numpy(), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return arr
+
+
+def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True) -> torch.Tensor:
+    """`n` windows of `length` tokens to fit on, per `cfg.fit_text` (train split of `cfg.corpus` only)."""
+    from headalloc.assets import token_windows
+
+    if cfg.fit_text == "corpus":
+        return token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
+    n_gen = n if cfg.fit_text == "generated" else n // 2
+    parts = []
+    if n - n_gen:
+        parts.append(token_windows(tok, cfg.corpus, "train", length, n - n_gen, seed=seed))
+    if n_gen:
+        parts.append(generated_windows(teacher, tok, cfg.corpus, n_gen, length, seed, cfg.gen_prompt,
+                                       cfg.gen_temperature, progress=progress))
+    w = torch.cat(parts)
+    return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))]
