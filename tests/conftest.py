@@ -5,17 +5,9 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE of 300 tokens trained on CPython's language reference (always on disk)."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
+    from families import tiny_tokenizer as make
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(topics.values()), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return make()
 
 
 @pytest.fixture

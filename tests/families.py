@@ -5,7 +5,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
                           Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-COMMON = dict(vocab_size=96, hidden_size=96, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+COMMON = dict(vocab_size=300, hidden_size=96, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=128)
 
 
@@ -49,18 +49,22 @@ def tiny(family: str, seed: int = 0):
     return model.eval()
 
 
-def tiny_tokenizer(folder):
-    """A small word-piece tokenizer trained on the Python docs that CPython ships (offline)."""
+def tiny_tokenizer(folder=None, vocab_size: int = 300):
+    """A byte-level BPE trained on CPython's language reference (always on disk, offline); saved into
+    `folder` when given."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(topics.values()), trainers.WordLevelTrainer(vocab_size=96, special_tokens=[
-        "<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(topics.values()), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if folder is not None:
+        fast.save_pretrained(folder)
     return fast
 
 

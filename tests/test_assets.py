@@ -1,5 +1,6 @@
 """Assets: names, clear errors for missing packages and short text, a stable split by article."""
 
+import numpy as np
 import pytest
 
 from headalloc.assets.corpus import load_corpus, token_windows
@@ -66,3 +67,38 @@ def test_real_wiki_corpus():
     c = load_corpus("wiki")
     assert len(c.documents) > 10_000 - 100
     assert len(c.split("validation")) > 500
+
+
+def test_damaged_caches_are_detected_never_used(tmp_path, monkeypatch):
+    """A cache folder's recorded checksums catch truncation and same-size damage; a damaged
+    tokenised-text cache is recomputed (same windows as before the damage)."""
+    from transformers import AutoTokenizer
+
+    from headalloc.assets.corpus import load_corpus, tokenize_split
+    from headalloc.io import verify_digests, write_digests
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "config.json").write_text("{}")
+    write_digests(folder)
+    assert verify_digests(folder) is None
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[100] ^= 0xFF  # same size, one byte changed
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert "checksum" in verify_digests(folder)
+    (folder / "model.safetensors").write_bytes(bytes(data[:1000]))  # truncated
+    assert "bytes" in verify_digests(folder)
+
+    from families import tiny_tokenizer
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    first = tokenize_split(tok, load_corpus("pydoc"), "train")
+    (cached,) = (tmp_path / "cache" / "tokens").glob("*.npy")
+    raw = bytearray(cached.read_bytes())
+    raw[-8] ^= 0x7F  # damage a token id in place
+    cached.write_bytes(bytes(raw))
+    again = tokenize_split(tok, load_corpus("pydoc"), "train")
+    assert np.array_equal(first, again)

@@ -50,6 +50,54 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
 
 
+DIGESTS = "headalloc-digests.json"
+_VERIFIED: set = set()  # (path, size, mtime) already hashed in this process
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_digests(folder: str | os.PathLike) -> None:
+    """Record size and SHA-256 of every file in a cache folder that headalloc wrote."""
+    folder = Path(folder)
+    d = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+         if p.is_file() and p.name != DIGESTS}
+    (folder / DIGESTS).write_text(json.dumps(d, indent=1))
+
+
+def verify_digests(folder: str | os.PathLike) -> str | None:
+    """None if every recorded file of a cache folder is intact, else what is wrong. Sizes are checked
+    every time, contents hashed once per process."""
+    folder = Path(folder)
+    rec = folder / DIGESTS
+    if not rec.exists():
+        return f"no {DIGESTS} (written by an older headalloc, or interrupted)"
+    try:
+        d = json.loads(rec.read_text())
+    except json.JSONDecodeError:
+        return f"{DIGESTS} is not valid JSON"
+    for name, want in d.items():
+        p = folder / name
+        if not p.exists():
+            return f"{name} is missing"
+        st = p.stat()
+        if st.st_size != want["size"]:
+            return f"{name} has {st.st_size} bytes, {want['size']} were written"
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            if _sha256(p) != want["sha256"]:
+                return f"{name} does not match the checksum recorded when it was written"
+            _VERIFIED.add(key)
+    return None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

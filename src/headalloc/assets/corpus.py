@@ -103,8 +103,13 @@ def tokenize_split(tokenizer, corpus: Corpus, split: str, cache: bool = True) ->
     key = hashlib.sha1(("\x00".join(texts) + "|" + tokenizer.__class__.__name__ + "|" +
                         str(len(tokenizer)) + "|" + str(getattr(tokenizer, "name_or_path", ""))).encode()).hexdigest()[:16]
     path = cache_dir() / "tokens" / f"{corpus.name}-{split}-{key}.npy"
-    if cache and path.exists():
-        return np.load(path, allow_pickle=False)
+    for found in sorted(path.parent.glob(f"{path.stem}-*.npy")) if cache else []:
+        try:  # the file name ends in its content's checksum: damage means recompute, never a wrong window
+            arr = np.load(found, allow_pickle=False)
+            if hashlib.sha1(arr.tobytes()).hexdigest()[:12] == _digest_of(found):
+                return arr
+        except (OSError, ValueError, EOFError):
+            pass
     sep = _separator_id(tokenizer)
     ids: list[int] = []
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -119,8 +124,13 @@ def tokenize_split(tokenizer, corpus: Corpus, split: str, cache: bool = True) ->
 
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
+        path = path.with_name(f"{path.stem}-{hashlib.sha1(arr.tobytes()).hexdigest()[:12]}.npy")
         atomic_write_bytes(path, buf.getvalue())
     return arr
+
+
+def _digest_of(path: Path) -> str:
+    return path.stem.rsplit("-", 1)[-1]
 
 
 def token_windows(tokenizer, corpus: Corpus | str, split: str, length: int, n_windows: int | None = None,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -49,25 +47,30 @@ def _convert_smollm2(target: Path) -> None:
     cfg = LlamaConfig(**{k: v for k, v in q.config.to_dict().items() if k not in ("quantization_config",)})
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(q.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    from headalloc.io import atomic_directory, write_digests
+
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # the cache folder appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(target, replace=True) as tmp:  # complete or absent; temporaries of killed runs
+            model.save_pretrained(tmp, safe_serialization=True)  # are recognised and removed by the next one
+            tok.save_pretrained(tmp)
+            write_digests(tmp)
+    except OSError as e:
+        raise ValueError(f"cannot write the converted model into {target} ({e}); set HEADALLOC_CACHE to a "
+                         f"writable folder") from None
 
 
 def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Path:
     """Local Hugging Face directory for a model name ("smollm2", "minilm") or an existing path."""
     key = str(name_or_path)
     if key == "smollm2":
+        from headalloc.io import verify_digests
+
         target = cache_dir() / "smollm2-135m-instruct"
-        if not (target / "config.json").exists():
+        problem = verify_digests(target) if (target / "config.json").exists() else "absent"
+        if problem:
             if progress:
-                print(f"converting the packaged SmolLM2 GGUF into {target} (once, about 40 s)", flush=True)
+                why = "" if problem == "absent" else f" (the cached copy is damaged: {problem}; rebuilding it)"
+                print(f"converting the packaged SmolLM2 GGUF into {target} (once, about 40 s){why}", flush=True)
             _convert_smollm2(target)
         return target
     if key == "minilm":
