@@ -136,3 +136,51 @@ def test_sweep_command_runs_a_tiny_sweep(tmp_path, capsys):
     assert main(["sweep", "--config", str(cfg), "--store", str(store)]) == 0
     out = capsys.readouterr().out
     assert "2 runs in" in out and len(SweepStore(store)) == 2
+
+
+def test_config_typos_and_empty_reports_are_clear_errors(tmp_path, capsys):
+    import json
+
+    from headalloc.cli import main
+
+    cfg = _tiny_configs(1)[0]
+    cfg["train"]["stpes"] = cfg["train"].pop("steps")
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(p)]) == 2
+    assert "did you mean train.steps?" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path / "nothing")]) == 2
+    assert "holds no experiment results" in capsys.readouterr().err
+    assert not (tmp_path / "nothing" / "report.html").exists()
+
+
+def test_pool_workers_end_when_their_parent_is_killed(tmp_path):
+    """A sweep killed with SIGKILL leaves no worker process behind (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = "\n".join([
+        "from headalloc.training.sweep import end_with_parent",
+        "import multiprocessing as mp, os, time",
+        "def work(_):",
+        "    time.sleep(60)",
+        "if __name__ == '__main__':",
+        "    with mp.get_context('spawn').Pool(1, initializer=end_with_parent, initargs=(os.getpid(),)) as p:",
+        "        r = p.map_async(work, [0])",
+        "        time.sleep(0.5)",
+        "        print([c.pid for c in mp.active_children()], flush=True)",
+        "        time.sleep(60)", ""])
+    (tmp_path / "s.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "s.py")], stdout=subprocess.PIPE, text=True)
+    kids = eval(proc.stdout.readline())
+    assert kids
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60  # the worker may still be importing torch when its parent dies
+    while time.time() < deadline and any(os.path.exists(f"/proc/{k}") and
+                                         open(f"/proc/{k}/stat").read().split()[2] != "Z" for k in kids):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z" for k in kids)

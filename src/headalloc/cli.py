@@ -101,10 +101,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     exps = select(args.only)
-    for exp in exps:  # redraw figures from stored results only
-        p = result_path(out, exp)
-        if p.exists():
-            exp.plot(read_json(p), out / exp.name)
+    found = [exp for exp in exps if result_path(out, exp).exists()]
+    if not found:
+        raise FileNotFoundError(f"{out} holds no experiment results; run `headalloc reproduce --out {out}` first")
+    for exp in found:  # redraw figures from stored results only
+        exp.plot(read_json(result_path(out, exp)), out / exp.name)
     print(f"report: {build_report(out, exps)}")
     return 0
 
@@ -247,7 +248,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from headalloc.evaluation.lm import compare, counts, perplexity
     from headalloc.io import atomic_write_json
 
+    if args.windows < 1 or args.length < 2 or args.batch < 1 or args.repeats < 1 or args.new_tokens < 1 \
+            or min(args.contexts) < 1:
+        raise ValueError(f"--windows, --batch, --repeats, --new-tokens and --contexts must be >= 1 and --length >= 2; "
+                         f"got {args.windows}, {args.batch}, {args.repeats}, {args.new_tokens}, {args.contexts}, "
+                         f"{args.length}")
     model, tok = load_model(args.model, dtype=args.dtype, device_map=args.device_map, device=args.device)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max([args.length] + (list(args.contexts) if args.reference else []))
+    if limit is not None and longest + (args.new_tokens if args.reference else 0) > limit:
+        raise ValueError(f"{args.model} has {limit} positions; --length {args.length} / --contexts {args.contexts} "
+                         f"(plus {args.new_tokens} decoded tokens) go beyond it: ask for shorter ones")
     ev = token_windows(tok, args.corpus, "validation", args.length, args.windows, seed=args.seed + 1)
     res = {"model": str(args.model), "perplexity": perplexity(model, ev), **counts(model, args.length),
            "eval": {"corpus": args.corpus, "split": "validation", "windows": args.windows, "length": args.length}}

@@ -9,6 +9,20 @@ from headalloc.tasks import make_task
 from headalloc.training.trainer import TrainConfig, train
 
 
+def config_of(cls, d: dict, where: str):
+    """`cls(**d)` with a clear error naming an unknown key (and the closest valid one) instead of a TypeError."""
+    import dataclasses
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            raise ValueError(f"unknown setting {where}.{k}" + (f"; did you mean {where}.{close[0]}?" if close else "")
+                             + f" (valid: {', '.join(names)})")
+    return cls(**d)
+
+
 def build_model(task, model_cfg: dict) -> SeqModel:
     """A SeqModel shaped for `task` (input/vocab/output sizes come from the task)."""
     cfg = dict(model_cfg)
@@ -16,7 +30,7 @@ def build_model(task, model_cfg: dict) -> SeqModel:
     cfg.update(input_dim=task.input_dim, vocab_size=task.vocab_size, output_dim=task.output_dim)
     if task.seq_to_vec:
         cfg.setdefault("cls_token", True)
-    return SeqModel(SeqModelConfig(**cfg))
+    return SeqModel(config_of(SeqModelConfig, cfg, "model"))
 
 
 def run_synthetic(config: dict, progress: bool = False) -> dict:
@@ -24,7 +38,7 @@ def run_synthetic(config: dict, progress: bool = False) -> dict:
     torch.set_num_threads(int(config.get("threads", 1)))
     task_cfg = dict(config["task"])
     task = make_task(task_cfg.pop("name"), **task_cfg)
-    tcfg = TrainConfig(**config.get("train", {}))
+    tcfg = config_of(TrainConfig, config.get("train", {}), "train")
     torch.manual_seed(tcfg.seed)
     model = build_model(task, config["model"])
     out = train(model, task, tcfg, progress=progress, desc=config.get("label", "train"))

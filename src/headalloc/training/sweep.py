@@ -104,11 +104,32 @@ def run_sweep(configs: Sequence[dict], store: str | Path | SweepStore,
     return [store.get(c) for c in configs]
 
 
+def end_with_parent(parent: int | None = None) -> None:
+    """Pool-worker initializer: the worker is killed when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), so a killed sweep leaves no orphan computing or holding memory. `parent`: the
+    starting process's pid, to catch a parent that died while this worker was still starting."""
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+        except OSError:  # pragma: no cover - no libc by that name
+            pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
 def _run_pool(todo: list[dict], store: SweepStore, fn: str, workers: int, progress: bool, desc: str) -> None:
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_run_one, fn, c): c for c in todo}
         for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} ({workers} workers)",
                         disable=not progress):
