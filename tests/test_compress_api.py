@@ -173,3 +173,41 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
     r = headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
                            **{**TINY, "fit_text": "mixed"})
     assert r.metrics["end_to_end"]["windows"] == TINY["kd_windows"]
+
+
+def test_budget_one_keeps_the_weights_and_says_so(tmp_path):
+    folder = tiny_folder("llama", tmp_path / "llama")
+    r = headalloc.compress(str(folder), budget=1.0, strategy="uniform", progress=False, **TINY)
+    assert "nothing to fit" in r.metrics["note"] and r.metrics["end_to_end"] is None
+    x = torch.randint(3, 96, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x).logits, r.teacher(x).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_a_save_killed_midway_leaves_nothing_that_the_next_run_does_not_remove(tmp_path):
+    """SIGKILL while a folder is being written: the target never appears half-written, and the
+    temporary folder (recognisable by name and by its dead process) is removed by the next write."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    script = "\n".join([
+        "import sys, time",
+        "from headalloc.io import atomic_directory",
+        f"with atomic_directory(r'{target}') as tmp:",
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)",
+        "    print('writing', flush=True)",
+        "    time.sleep(60)", ""])
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    leftovers = [q for q in tmp_path.iterdir() if q.name != "model"]
+    assert not target.exists() and len(leftovers) == 1 and "headalloc-tmp" in leftovers[0].name
+    from headalloc.io import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        (tmp / "ok").write_text("done")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["model"] and (target / "ok").exists()
