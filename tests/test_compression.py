@@ -380,3 +380,22 @@ def test_end_to_end_distillation_with_hidden_states_lowers_both_terms():
     assert r["hidden_weight"] == 1.0 and r["loss_after"] < r["loss_before"] and hid() < h0
     with pytest.raises(ValueError, match="hidden_weight"):
         distill_end_to_end(model, student, w, steps=1, hidden_weight=-1.0, progress=False)
+
+
+def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
+    """With the anchor term the attention weights move less from their initialisation than without
+    (same seed, windows and steps), measured by the same relative distance the penalty uses."""
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    w = torch.randint(0, 120, (6, 24))
+
+    def moved(anchor):
+        student = compress_model(model, [LayerPlan(4, 4)] * 3)
+        init = {n: p.detach().clone() for n, p in student.named_parameters() if ".self_attn." in n}
+        r = distill_end_to_end(model, student, w, steps=40, lr=3e-3, k=16, progress=False, anchor=anchor)
+        assert r["anchor"] == anchor
+        return sum(float((p - init[n]).square().sum() / init[n].square().sum())
+                   for n, p in student.named_parameters() if n in init)
+
+    assert moved(10.0) < 0.5 * moved(0.0)

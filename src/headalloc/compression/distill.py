@@ -142,7 +142,7 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False,
-                       hidden_weight: float = 0.0) -> dict:
+                       hidden_weight: float = 0.0, anchor: float = 0.0) -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
     layers are corrected. `train="attention"`: only the attention projections move; `train="layers"`:
@@ -154,6 +154,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     the next-token term only) and the settings."""
     import math
 
+    if anchor < 0:
+        raise ValueError(f"anchor must be >= 0; got {anchor}")
     if steps < 0 or batch < 1 or k < 1 or hidden_weight < 0:
         raise ValueError(f"steps must be >= 0, batch >= 1, k >= 1 and hidden_weight >= 0; got steps={steps}, "
                          f"batch={batch}, k={k}, hidden_weight={hidden_weight}")
@@ -187,6 +189,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
+    # anchor > 0: penalty anchor * sum_p |p - p0|^2 / |p0|^2 keeps the student near its initialisation
+    init = [(p, p.detach().clone(), float(p.detach().float().square().sum()) or 1.0) for p in params] if anchor else []
     warm = max(1, steps // 10)
     curve = []
     for step in tqdm(range(steps), desc="end-to-end distillation", disable=not progress, leave=False):
@@ -201,6 +205,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
                 t_hidden = teacher(input_ids=windows[idx].to(dev), output_hidden_states=True).hidden_states
                 t_hidden = [t.to(out.hidden_states[0].dtype) for t in t_hidden]
             loss = loss + hidden_weight * hidden_state_loss(out.hidden_states, t_hidden)
+        if init:
+            loss = loss + anchor * sum((p - p0).float().square().sum() / n0 for p, p0, n0 in init)
         if not torch.isfinite(loss):
             raise RuntimeError(f"end-to-end distillation loss became {loss.item()} at step {step}; lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
@@ -214,6 +220,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     after = full_loss()
     student.train(was_training)
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
-            "train": train, "tail": tail, "hidden_weight": hidden_weight,
+            "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": targets["mass"], "train_curve": curve}

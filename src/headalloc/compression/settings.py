@@ -57,6 +57,8 @@ class CompressConfig:
                        "end-to-end distillation", ("attention", "layers"))
     kd_hidden: float = _f(0.0, "weight of a term matching every layer's hidden states (0 = off; costs a teacher "
                                "forward per step)", "end-to-end distillation")
+    kd_anchor: float = _f(0.0, "weight of a penalty keeping the attention weights near their initialisation "
+                                "(sum of |w - w0|^2 / |w0|^2; 0 = off)", "end-to-end distillation")
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
@@ -101,8 +103,8 @@ class CompressConfig:
         if not self.gen_temperature > 0 or self.gen_prompt < 1:
             raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
                              f"{self.gen_prompt}")
-        if self.kd_hidden < 0:
-            raise ValueError(f"kd_hidden must be >= 0; got {self.kd_hidden}")
+        if self.kd_hidden < 0 or self.kd_anchor < 0:
+            raise ValueError(f"kd_hidden and kd_anchor must be >= 0; got {self.kd_hidden}, {self.kd_anchor}")
         if self.eval_length < 2:
             raise ValueError(f"eval_length must be >= 2 tokens (perplexity predicts the next token); got "
                              f"{self.eval_length}")
