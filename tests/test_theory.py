@@ -155,3 +155,15 @@ def test_jacobian_norm_batched_shapes_and_float32():
     assert got.shape == (2, 3, 5) and got.dtype == torch.float32
     assert torch.allclose(got.double(), _dense_norm(p.double()), rtol=1e-5)
     assert softmax_jacobian_norm(torch.ones(3, 1)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_budget_too_large_for_memory_is_refused_before_allocating(capsys):
+    from headalloc.cli import main
+
+    assert main(["plan", "--budget", "100000000", "--token-dim", "8", "--rho", "1,1"]) == 2
+    err = capsys.readouterr().err
+    assert "GiB" in err and "head_dims" in err
+    # the same budget with few allowed widths is small enough
+    from headalloc.theory import allocate
+
+    assert allocate(100_000, 8, [1, 1], head_dims=[8, 16, 32, 64]).best.budget == 100_000

@@ -202,6 +202,9 @@ def _min_plus(prev: np.ndarray, g: np.ndarray, chunk: int = 256) -> np.ndarray:
     return out
 
 
+MAX_SOLVER_BYTES = 4 * 2**30  # refuse problems whose tables would exceed this (2 GiB is safe on a laptop)
+
+
 def allocate(
     budget: int,
     token_dim: int,
@@ -232,7 +235,7 @@ def allocate(
         raise ValueError(f"top_k must be >= 1; got {top_k}")
     budget, token_dim = int(budget), int(token_dim)
     if head_dims is None:
-        dims = np.arange(1, budget + 1)
+        dims = None  # every width 1..D (listed after the memory check below)
     else:
         dims = np.unique(np.asarray(list(head_dims), dtype=np.int64))
         if dims.size == 0 or np.any(dims < 1):
@@ -244,6 +247,22 @@ def allocate(
     if n_lags < 1:
         raise ValueError(f"max_groups must be >= 1; got {max_groups}")
 
+    # The solver holds every (heads, dim) pair with heads * dim <= D (about D ln D of them, a few arrays
+    # of 8-byte numbers each) and one table of D numbers per lag: refuse what would need gigabytes.
+    if head_dims is None:  # sum_{d<=D} floor(D/d) ~ D (ln D + 0.58), without listing the D widths
+        n_pairs = int(budget * (math.log(budget) + 0.58)) + 1
+        if max_heads is not None:
+            n_pairs = min(n_pairs, budget * int(max_heads))
+    else:
+        per_dim = budget // dims
+        n_pairs = int(np.minimum(per_dim, max_heads).sum() if max_heads is not None else per_dim.sum())
+    need = 8 * (6 * n_pairs + (n_lags + 2) * (budget + 1) + (budget if head_dims is None else 0))
+    if need > MAX_SOLVER_BYTES:
+        raise ValueError(f"budget D={budget} would need about {need / 2**30:.1f} GiB in the exact solver "
+                         f"({n_pairs:,} (heads, dim) pairs); restrict head_dims (e.g. powers of two), cap "
+                         f"max_heads, or solve a smaller budget")
+    if dims is None:
+        dims = np.arange(1, budget + 1)
     # Forward DP tables: F[m][b] = min cost of groups 1..m (dimension + selection) using exactly b.
     ph, pd, pb = _pairs(budget, dims, max_heads)
     dim_t, inv_h = dimension_term(pd, token_dim), 1.0 / ph
