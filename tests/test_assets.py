@@ -102,3 +102,27 @@ def test_damaged_caches_are_detected_never_used(tmp_path, monkeypatch):
     cached.write_bytes(bytes(raw))
     again = tokenize_split(tok, load_corpus("pydoc"), "train")
     assert np.array_equal(first, again)
+
+
+def test_unwritable_cache_and_truncated_checkpoint_are_clear_errors(tmp_path, monkeypatch):
+    import os
+
+    from families import tiny_folder, tiny_tokenizer
+
+    from headalloc.assets.corpus import load_corpus, tokenize_split
+    from headalloc.assets.models import load_model
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    monkeypatch.setenv("HEADALLOC_CACHE", str(ro / "cache"))
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(ValueError, match="HEADALLOC_CACHE"):
+        tokenize_split(tiny_tokenizer(), load_corpus("pydoc"), "train")
+    folder = tiny_folder("llama", tmp_path / "m")
+    st = folder / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ValueError, match="could not load a model from .*complete"):
+        load_model(str(folder))

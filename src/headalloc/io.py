@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_write_error(path: Path, e: OSError) -> ValueError:
+    return ValueError(f"cannot write the cache file {path} ({e.strerror or e}); set HEADALLOC_CACHE to a writable "
+                      f"folder")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to `path` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)

@@ -125,7 +125,12 @@ def tokenize_split(tokenizer, corpus: Corpus, split: str, cache: bool = True) ->
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         path = path.with_name(f"{path.stem}-{hashlib.sha1(arr.tobytes()).hexdigest()[:12]}.npy")
-        atomic_write_bytes(path, buf.getvalue())
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:
+            from headalloc.io import cache_write_error
+
+            raise cache_write_error(path, e) from None
     return arr
 
 

@@ -115,9 +115,9 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
         kwargs["device_map"] = device_map
     try:
         model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load a model from {path}: {e}. If a checkpoint is corrupt, delete the "
-                         f"folder (for cached names it is rebuilt from the package)") from e
+    except Exception as e:  # a truncated or corrupt checkpoint raises safetensors' own error type, among others
+        raise ValueError(f"could not load a model from {path}: {type(e).__name__}: {e}. Is the checkpoint complete? "
+                         f"(a cached packaged model is verified and rebuilt automatically)") from e
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if device is not None and device_map is None:
         model.to(device)

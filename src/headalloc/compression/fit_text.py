@@ -61,7 +61,12 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
     arr = torch.cat(rows)
     buf = io.BytesIO()
     np.save(buf, arr.numpy(), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        from headalloc.io import cache_write_error
+
+        raise cache_write_error(path, e) from None
     return arr
 
 
