@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing or unwritable files: one line, no traceback
         print(f"headalloc {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,8 +18,11 @@ def cache_write_error(path: Path, e: OSError) -> ValueError:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to `path` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -101,7 +101,11 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}/config.json could not be read as a Hugging Face config ({e}); is the folder a "
+                         f"complete model checkpoint?") from None
     if causal is None:
         causal = bool(getattr(cfg, "is_decoder", False)) or any(
             a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))

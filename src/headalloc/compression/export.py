@@ -39,11 +39,14 @@ def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
         if not overwrite:
             raise ValueError(f"--out {out} already holds a compressed model; pass --overwrite to replace it "
                              f"(or choose a new folder)")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+    import tempfile
+
+    try:  # a real probe (permissions alone say nothing for root or for /proc-like places)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.probe-").cleanup()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose a folder you can "
+                         f"write to") from None
     return out
 
 

@@ -92,6 +92,8 @@ class CompressConfig:
                      "eval_windows", "eval_length", "step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.step % 2:
+            raise ValueError(f"step must be even (query-key widths are whole rotary pairs); got {self.step}")
         for name in ("distill_steps", "kd_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 skips the stage); got {getattr(self, name)}")

@@ -35,6 +35,12 @@ def build_model(task, model_cfg: dict) -> SeqModel:
 
 def run_synthetic(config: dict, progress: bool = False) -> dict:
     """config = {"task": {"name": ..., **params}, "model": {SeqModelConfig fields}, "train": {TrainConfig fields}}."""
+    missing = [k for k in ("task", "model") if not isinstance(config.get(k), dict)]
+    if missing:
+        raise ValueError(f"a run config needs the sections {missing} ({{'task': {{'name': ...}}, 'model': {{...}}, "
+                         f"'train': {{...}}}}); got keys {sorted(config)}")
+    if "name" not in config["task"]:
+        raise ValueError("the run config's task has no 'name' (e.g. 'ngram', 'dretrieval')")
     torch.set_num_threads(int(config.get("threads", 1)))
     task_cfg = dict(config["task"])
     task = make_task(task_cfg.pop("name"), **task_cfg)

@@ -66,7 +66,14 @@ def resolve_fn(path: str) -> Callable[[dict], dict]:
     mod, _, name = path.partition(":")
     if not name:
         raise ValueError(f"run function must be 'module:function'; got {path!r}")
-    return getattr(importlib.import_module(mod), name)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"run function {path!r} cannot be found ({e}); give an importable 'module:function', "
+                         f"e.g. headalloc.training.runs:run_synthetic") from None
+    if not callable(fn):
+        raise ValueError(f"run function {path!r} is not callable")
+    return fn
 
 
 def _run_one(fn_path: str, config: dict) -> tuple[dict, float]:
@@ -85,6 +92,7 @@ def run_sweep(configs: Sequence[dict], store: str | Path | SweepStore,
     task per run to a local Ray instance or the cluster at `ray_address`. Either way the driver
     writes each result to the store the moment its run finishes.
     """
+    resolve_fn(fn)  # a wrong name is an error before any run, not after the first
     store = store if isinstance(store, SweepStore) else SweepStore(store)
     keys = [config_key(c) for c in configs]
     if len(set(keys)) != len(keys):
