@@ -50,3 +50,14 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, capsys):
     assert rc == 2 and "cannot write in /proc" in err
     rc, err = _run(["compress", "--step", "3", "--out", str(tmp_path / "c")], capsys)
     assert rc == 2 and "step must be even" in err
+
+
+def test_evaluate_refuses_lengths_beyond_the_models_positions(tmp_path, capsys):
+    from families import tiny_folder
+
+    folder = tiny_folder("llama", tmp_path / "m")  # 128 positions
+    rc, err = _run(["evaluate", "--model", str(folder), "--corpus", "pydoc", "--length", "512"], capsys)
+    assert rc == 2 and "has 128 positions" in err
+    rc, err = _run(["evaluate", "--model", str(folder), "--corpus", "pydoc", "--length", "64", "--windows", "1",
+                    "--reference", str(folder), "--contexts", "256"], capsys)
+    assert rc == 2 and "has 128 positions" in err
