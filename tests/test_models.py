@@ -95,3 +95,41 @@ def test_seqmodel_papers_setups_shapes_and_counts():
     assert torch.allclose(r(x), r(x[:, torch.randperm(7)]), atol=1e-5)
     with pytest.raises(ValueError, match="exceeds max_len"):
         m(torch.randn(1, 2000, 8))
+
+
+@pytest.mark.parametrize("kind", ["linear", "log"])
+@pytest.mark.parametrize("dot", [True, False])
+def test_relative_position_bias_equals_explicit_per_head_softmax(kind, dot):
+    """Each head's scores are q.k/sqrt(d) (if dot) - p_h phi(i - j), causal, softmax per head:
+    checked against a loop over heads written out with explicit softmax."""
+    import math
+
+    from headalloc.models.attention import GroupedAttention
+
+    torch.manual_seed(0)
+    layer = GroupedAttention(12, [(2, 4, 3), (3, 2, 2)], causal=True, rel_bias=kind, dot=dot).double()
+    with torch.no_grad():
+        for s in layer.slopes:
+            s.copy_(torch.randn_like(s))
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    q_all, k_all, v_all = layer.qkv(x).split([layer.qk_total, layer.qk_total, layer.v_total], -1)
+    outs, qo, vo = [], 0, 0
+    for gi, g in enumerate(layer.groups):
+        for h in range(g.n_heads):
+            q = q_all[..., qo + h * g.qk_dim: qo + (h + 1) * g.qk_dim]
+            k = k_all[..., qo + h * g.qk_dim: qo + (h + 1) * g.qk_dim]
+            v = v_all[..., vo + h * g.v_dim: vo + (h + 1) * g.v_dim]
+            scores = torch.zeros(2, 7, 7, dtype=torch.float64)
+            for i in range(7):
+                for j in range(7):
+                    dist = abs(i - j)
+                    phi = dist if kind == "linear" else math.log1p(dist)
+                    scores[:, i, j] = (q[:, i] @ k[:, j].T).diagonal() / math.sqrt(g.qk_dim) * dot \
+                        - layer.slopes[gi][h] * phi if j <= i else -math.inf
+            outs.append(torch.softmax(scores, -1) @ v)
+        qo += g.n_heads * g.qk_dim
+        vo += g.n_heads * g.v_dim
+    ref = layer.out(torch.cat(outs, -1))
+    torch.testing.assert_close(layer(x), ref)
+    with pytest.raises(ValueError, match="rel_bias must be"):
+        GroupedAttention(12, [(2, 4)], rel_bias="t5")

@@ -74,12 +74,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
+REL_BIAS = ("linear", "log")
+
+
+def relative_bias(slopes: torch.Tensor, T: int, kind: str) -> torch.Tensor:
+    """(H, T, T) additive scores -p_h phi(i - j) for query i and key j, with phi(x) = x ("linear",
+    ALiBi-like) or log(1 + x) ("log"); the distance is |i - j| (causal layers only see j <= i)."""
+    pos = torch.arange(T, device=slopes.device, dtype=slopes.dtype)
+    dist = (pos[:, None] - pos[None, :]).abs()
+    phi = dist if kind == "linear" else torch.log1p(dist)
+    return -slopes[:, None, None] * phi
+
+
 class GroupedAttention(nn.Module):
-    """Multi-head attention with heterogeneous head groups (see module docstring)."""
+    """Multi-head attention with heterogeneous head groups (see module docstring).
+
+    `rel_bias` ("linear" or "log"): every head adds its own learnable relative-position score
+    -p_h phi(i - j) (the setting of 2510.03784's selection term, where a head picks a lag through a
+    per-head positional kernel and H heads combine into a sharper pick); `dot=False` drops the
+    query-key term, so heads attend by position alone."""
 
     def __init__(self, d_model: int, groups: Sequence, causal: bool = True, rotary: bool = False,
-                 bias: bool = True, out_dim: int | None = None, rotary_base: float = 10000.0):
+                 bias: bool = True, out_dim: int | None = None, rotary_base: float = 10000.0,
+                 rel_bias: str | None = None, dot: bool = True):
         super().__init__()
+        if rel_bias is not None and rel_bias not in REL_BIAS:
+            raise ValueError(f"rel_bias must be one of {REL_BIAS} or None; got {rel_bias!r}")
+        if not dot and rel_bias is None:
+            raise ValueError("dot=False leaves no way to score keys: give rel_bias too")
+        self.rel_bias, self.dot = rel_bias, dot
         self.groups = as_groups(groups)
         self.d_model, self.causal, self.rotary, self.rotary_base = d_model, causal, rotary, rotary_base
         if rotary:
@@ -91,6 +114,10 @@ class GroupedAttention(nn.Module):
         self.qk_total, self.v_total = sum(self.q_widths), sum(self.v_widths)
         self.qkv = nn.Linear(d_model, 2 * self.qk_total + self.v_total, bias=bias)
         self.out = nn.Linear(self.v_total, out_dim or d_model, bias=bias)
+        if rel_bias is not None:  # per head slope p_h, spread at init so heads start at different ranges
+            self.slopes = nn.ParameterList(
+                [nn.Parameter(torch.linspace(-0.5, 2.0, g.n_heads) if g.n_heads > 1 else torch.ones(1) * 0.5)
+                 for g in self.groups])
         # Optional observer called as score_hook(group_index, q, k) with (B, H, T, d) queries and keys
         # after positions are applied; used by the saturation probe of trained SeqModels.
         self.score_hook = None
@@ -114,7 +141,17 @@ class GroupedAttention(nn.Module):
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if self.score_hook is not None:
                 self.score_hook(len(outs), q, k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+            if self.rel_bias is None:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+            else:
+                add = relative_bias(self.slopes[len(outs)], T, self.rel_bias).to(q.dtype)[None]  # (1, H, T, T)
+                allowed = mask if mask is not None else (
+                    torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if self.causal else None)
+                if allowed is not None:
+                    add = add.masked_fill(~allowed, float("-inf"))
+                if not self.dot:
+                    q = torch.zeros_like(q)  # scores from positions alone
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=add)
             outs.append(o.transpose(1, 2).reshape(B, T, g.n_heads * g.v_dim))
         return self.out(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0])
 

@@ -45,6 +45,8 @@ class SeqModelConfig:
     cls_token: bool = False  # append a trainable token and read out only there
     tie_embeddings: bool = False
     bias: bool = True
+    rel_bias: str | None = None  # "linear" / "log": a learnable per-head relative-position score in every layer
+    dot: bool = True  # False: heads score keys by position alone (needs rel_bias)
 
     def __post_init__(self):
         if (self.input_dim is None) == (self.vocab_size is None):
@@ -65,7 +67,8 @@ class Block(nn.Module):
         self.cfg = cfg
         self.norm1 = nn.LayerNorm(cfg.d_model) if cfg.layernorm else nn.Identity()
         self.attn = GroupedAttention(cfg.d_model, groups, causal=cfg.causal and not cfg.cls_token,
-                                     rotary=cfg.positions == "rotary", bias=cfg.bias)
+                                     rotary=cfg.positions == "rotary", bias=cfg.bias, rel_bias=cfg.rel_bias,
+                                     dot=cfg.dot)
         self.ffn = None
         if cfg.ffn_hidden:
             self.norm2 = nn.LayerNorm(cfg.d_model) if cfg.layernorm else nn.Identity()
