@@ -47,6 +47,7 @@ def compute(ctx: RunContext) -> dict:
             partial[key] = {
                 "budget": b, "strategy": strat, "before": m["before_distill"], "after": m["after_distill"],
                 **({"after_layerwise": m["after_layerwise"]} if "after_layerwise" in m else {}),
+                **({"heldout": m["heldout"]} if m.get("heldout") else {}),
                 "end_to_end": m["end_to_end"], "counts": counts(r.model), "plan": r.plan.to_dict()["layers"],
                 "seconds_plan": m["seconds_plan"], "seconds_distill": m["seconds_distill"], "distill": m["distill"],
             }
@@ -69,6 +70,13 @@ def table(rec: dict) -> list[dict]:
                                  f"budget {c['budget']}, {c['strategy']}: ppl before / after distillation",
                      "paper": "", "measured": f"{c['before']['ppl']:.2f}{mid} / {c['after']['ppl']:.2f} "
                                               f"({c['after']['ppl'] / t:.2f}x original)", "match": None})
+        if "heldout" in c:  # a second kind of text that nothing was fitted on
+            h = c["heldout"]
+            rows.append({"quantity": f"budget {c['budget']}, {c['strategy']}: held-out '{h['corpus']}' ppl before / "
+                                     f"after distillation (never fitted on)", "paper": "",
+                         "measured": f"{h['before']['ppl']:.2f} / {h['after']['ppl']:.2f} "
+                                     f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x original "
+                                     f"{h['teacher']['ppl']:.2f})", "match": None})
     half = {c["strategy"]: c for c in rec["cells"].values() if c["budget"] == 0.5}
     if "measured" in half:
         m = half["measured"]["after"]["ppl"]
