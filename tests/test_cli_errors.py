@@ -61,3 +61,10 @@ def test_evaluate_refuses_lengths_beyond_the_models_positions(tmp_path, capsys):
     rc, err = _run(["evaluate", "--model", str(folder), "--corpus", "pydoc", "--length", "64", "--windows", "1",
                     "--reference", str(folder), "--contexts", "256"], capsys)
     assert rc == 2 and "has 128 positions" in err
+
+
+def test_a_corpus_too_small_for_a_split_is_a_clear_error(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("one short document only")
+    rc, err = _run(["compress", "--corpus", str(short), "--out", str(tmp_path / "c")], capsys)
+    assert rc == 2 and "has no documents" in err
