@@ -87,6 +87,18 @@ def resolve_model(name_or_path: str | os.PathLike, progress: bool = True) -> Pat
     return p
 
 
+def load_config(path: Path):
+    """The Hugging Face config of a model folder, or a clear error naming the folder."""
+    import headalloc.compression.register  # noqa: F401  (registers the compressed-model config)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}/config.json could not be read as a Hugging Face config ({e}); is the folder a "
+                         f"complete model checkpoint?") from None
+
+
 def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, attn_implementation: str | None = None,
                dtype: torch.dtype | str = torch.float32, device_map: str | dict | None = None,
                device: str | torch.device | None = None):
@@ -98,14 +110,10 @@ def load_model(name_or_path: str | os.PathLike, *, causal: bool | None = None, a
     models too large for one device; `device` (e.g. "cuda") moves the whole model there.
     """
     import headalloc.compression.register  # noqa: F401  (registers the compressed-model classes)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}/config.json could not be read as a Hugging Face config ({e}); is the folder a "
-                         f"complete model checkpoint?") from None
+    cfg = load_config(path)
     if causal is None:
         causal = bool(getattr(cfg, "is_decoder", False)) or any(
             a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))

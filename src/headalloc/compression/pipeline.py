@@ -101,17 +101,10 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
 
 def check_model(name_or_path: str) -> Path:
     """Resolve a model name or folder and check its family, before any loading or work."""
-    from transformers import AutoConfig
-
-    from headalloc.assets.models import resolve_model
+    from headalloc.assets.models import load_config, resolve_model
 
     path = resolve_model(name_or_path)
-    try:
-        mcfg = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}/config.json could not be read as a Hugging Face config ({e}); is the folder a "
-                         f"complete model checkpoint?") from None
-    adapter_for(mcfg)
+    adapter_for(load_config(path))
     return path
 
 
