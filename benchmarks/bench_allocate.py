@@ -6,7 +6,6 @@ Prints (1) the time to solve D=4096, d=64 with 16 lags (issue target: under 1 s 
     .venv/bin/python benchmarks/bench_allocate.py
 """
 
-import itertools
 import time
 
 from headalloc.theory import allocate, error_bound

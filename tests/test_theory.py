@@ -1,7 +1,6 @@
 """Theory: the bound against the paper's values, the solver against brute-force enumeration,
 and the softmax Jacobian norm against a dense eigensolver."""
 
-import itertools
 import math
 
 import numpy as np

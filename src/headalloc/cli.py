@@ -242,7 +242,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from headalloc.assets import load_model, token_windows
     from headalloc.evaluation.lm import compare, counts, perplexity

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from headalloc.compression.calibration import Calibration
-from headalloc.compression.families import AttentionWeights, FamilyAdapter, adapter_for
+from headalloc.compression.families import AttentionWeights, adapter_for
 from headalloc.compression.modeling_headalloc import HeadallocConfig, HeadallocForCausalLM, ReducedAttention
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 

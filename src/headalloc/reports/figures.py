@@ -101,7 +101,6 @@ def plot_slopes(rec: dict, path: Path, title: str = "") -> Path:
 def plot_fourgram_tradeoff(rec: dict, paper: dict, path: Path) -> Path:
     """Validation MSE against heads per group (measured, mean ± std over seeds), the paper's values
     and the bound's prediction (right axis)."""
-    import numpy as np
 
     hs = rec["heads_per_group"]
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
