@@ -15,10 +15,10 @@ import time
 from headalloc.assets import load_model, token_windows
 from dataclasses import replace
 
-from headalloc.compression.pipeline import calibration, compress, eval_windows
+from headalloc.compression.pipeline import calibration, compress, eval_windows, teacher_metrics
 from headalloc.compression.settings import add_config_args, config_from_args, preset
 from headalloc.compression.strategies import STRATEGIES
-from headalloc.evaluation.lm import compare, counts, perplexity
+from headalloc.evaluation.lm import compare, counts
 
 
 def main():
@@ -42,7 +42,7 @@ def main():
     teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
     data = calibration(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
-    t_ppl = perplexity(teacher, ev, progress=False)["ppl"]
+    t_ppl = teacher_metrics(teacher, ev, data, cfg)["ppl"]  # measured once; every strategy reuses it
     print(f"fitting text: {cfg.fit_text} ('{cfg.corpus}' train split); original perplexity {t_ppl:.2f} "
           f"({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "

@@ -217,3 +217,22 @@ def test_a_save_killed_midway_leaves_nothing_that_the_next_run_does_not_remove(t
     with atomic_directory(target) as tmp:
         (tmp / "ok").write_text("done")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["model"] and (target / "ok").exists()
+
+
+def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp_path):
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headalloc.compression.pipeline import calibration
+    from headalloc.compression.settings import preset
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    cfg = preset("default", budget=0.5, strategy="uniform", **TINY)
+    cal = calibration(model, tok, cfg)
+    r = headalloc.compress(model, tokenizer=tok, config=cfg, calibration_data=cal, progress=False)
+    assert r.metrics["teacher"] is cal.cache[("teacher_eval", "pydoc", 2, 32, 0)]  # measured once, shared
+    with pytest.raises(ValueError, match="other fitting text"):
+        headalloc.compress(model, tokenizer=tok, config=replace(cfg, fit_text="mixed"), calibration_data=cal,
+                           progress=False)

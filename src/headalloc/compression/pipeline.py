@@ -81,7 +81,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
     cal = collect(teacher, w, keep=True, progress=progress)
-    cal.cache["fit_text"] = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)
+    cal.cache["fit_text"] = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)  # checked on reuse
     return cal
 
 
@@ -96,6 +96,17 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
     if key not in cal.cache:
         w = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
         cal.cache[key] = (w, teacher_topk(teacher, w, cfg.kd_topk, progress))
+    return cal.cache[key]
+
+
+def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressConfig, progress: bool = False) -> dict:
+    """The original's validation perplexity and counts, measured once per calibration (every strategy and
+    budget that shares it reuses them)."""
+    from headalloc.evaluation.lm import counts, perplexity
+
+    key = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)
+    if key not in cal.cache:
+        cal.cache[key] = {**perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
     return cal.cache[key]
 
 
@@ -167,6 +178,10 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
 
     t0 = time.time()
     cal = calibration_data
+    fit = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)
+    if cal is not None and cal.cache.get("fit_text", fit) != fit:
+        raise ValueError(f"the calibration given was made from other fitting text {cal.cache['fit_text']} than "
+                         f"these settings ask for {fit}; make it with the same settings (pipeline.calibration)")
     if cal is None:
         _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens "
                                f"({cfg.fit_text} text, '{cfg.corpus}' train split)")
@@ -208,10 +223,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     cast_parameters(student, save_dtype)
     if evaluate:
         _stage(progress, n, n, f"evaluation: {cfg.eval_windows} validation windows of {cfg.eval_length} tokens")
-        tkey = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)
-        if tkey not in cal.cache:  # the same for every strategy and budget on this calibration
-            cal.cache[tkey] = {**perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
-        metrics["teacher"] = cal.cache[tkey]
+        metrics["teacher"] = teacher_metrics(teacher, ev, cal, cfg, progress)
         metrics["after_distill"] = {**perplexity(student, ev, progress, desc="compressed ppl"), **counts(student)}
         if ho is not None:
             hkey = ("teacher_heldout", cfg.heldout, cfg.heldout_windows, cfg.eval_length, cfg.seed)

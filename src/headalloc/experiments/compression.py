@@ -17,10 +17,10 @@ def compute(ctx: RunContext) -> dict:
     from dataclasses import replace
 
     from headalloc.assets import load_model
-    from headalloc.compression.pipeline import calibration, compress, eval_windows
+    from headalloc.compression.pipeline import calibration, compress, eval_windows, teacher_metrics
     from headalloc.compression.settings import preset
     from headalloc.compression.strategies import STRATEGIES
-    from headalloc.evaluation.lm import counts, perplexity
+    from headalloc.evaluation.lm import counts
     from headalloc.io import atomic_write_json, read_json
 
     s = SETTINGS[ctx.scale]
@@ -30,10 +30,11 @@ def compute(ctx: RunContext) -> dict:
     ev = eval_windows(tok, cfg0)
     partial_path = ctx.out_dir / "partial.json"  # finished (budget, strategy) cells survive an interruption
     partial = read_json(partial_path) if partial_path.exists() and not ctx.force else {}
-    if "teacher" not in partial:
-        partial["teacher"] = {**perplexity(teacher, ev, desc="teacher ppl"), **counts(teacher)}
-        atomic_write_json(partial_path, partial)
     data = None
+    if "teacher" not in partial:
+        data = calibration(teacher, tok, cfg0)
+        partial["teacher"] = teacher_metrics(teacher, ev, data, cfg0, progress=True)  # reused by every cell
+        atomic_write_json(partial_path, partial)
     for b in s["budgets"]:
         for strat in strats:
             key = f"{b}|{strat}"
