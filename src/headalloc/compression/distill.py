@@ -69,8 +69,8 @@ def distill_layerwise(teacher, student, cal: Calibration, steps: int = 50, lr: f
                                  .float().square().mean() for X, pe, y in zip(xs, pos, targets)) / n / norm)
 
         before.append(rel_err())
-        if steps > 0:
-            params = [p for p in s_attn.parameters()]
+        params = [p for p in s_attn.parameters()]
+        if steps > 0 and params:  # (a layer without attention has nothing to fit)
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=lr)

@@ -20,7 +20,9 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
   second halves], so rotation acts within each kept pair exactly as in the original;
 - `scale` stays the original 1/sqrt(head_dim), so a plan that keeps everything is the original;
 - `qk_norm` (Qwen3): per-head RMSNorm of queries and keys over the full head width before rotary,
-  so it requires k = head_dim with every pair kept (checked).
+  so it requires k = head_dim with every pair kept (checked);
+- `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
+  residual stream and caches nothing (the cache still records the tokens' count).
 The KV cache holds this layer's k and v widths, so its size follows the plan.
 """
 
@@ -56,6 +58,8 @@ def validate_attn_layers(attn_layers: list, text_config) -> None:
         raise ValueError(f"attn_layers has {len(attn_layers)} entries for {text_config.num_hidden_layers} layers")
     for i, a in enumerate(attn_layers):
         g, r, k, v = a["n_kv_heads"], a["n_rep"], a["qk_dim"], a["v_dim"]
+        if g == 0 and r == 0 and not a.get("rope_pairs") and not any((a.get("bias") or {}).values()):
+            continue  # a layer without attention
         if min(g, r, k, v) < 1:
             raise ValueError(f"layer {i}: head counts and dimensions must be >= 1; got {a}")
         if k % 2:
@@ -131,6 +135,10 @@ class ReducedAttention(nn.Module):
         self._rope_index: torch.Tensor | None = None  # built on first use (from_pretrained inits on "meta")
         bias = spec.get("bias") or {}
         hidden = text_config.hidden_size
+        self.decode_fast_path = True  # single-token decode without padding or kv repeat (see _decode_one)
+        if self.n_kv == 0:  # no attention in this layer
+            self.q_proj = self.k_proj = self.v_proj = self.o_proj = self.q_norm = self.k_norm = None
+            return
         self.q_proj = nn.Linear(hidden, self.n_q * self.qk_dim, bias=bool(bias.get("q")))
         self.k_proj = nn.Linear(hidden, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
         self.v_proj = nn.Linear(hidden, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
@@ -140,7 +148,6 @@ class ReducedAttention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.qk_dim, eps), RMSNorm(self.qk_dim, eps)
         else:
             self.q_norm = self.k_norm = None
-        self.decode_fast_path = True  # single-token decode without padding or kv repeat (see _decode_one)
 
     def rope_index(self, device) -> torch.Tensor:
         """(n_kv, qk_dim) coordinates of the original head kept by each kv head: pairs' first then second halves."""
@@ -169,6 +176,11 @@ class ReducedAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
         B, T, _ = hidden_states.shape
+        if self.n_kv == 0:  # nothing to attend with; the cache records the tokens with zero-width entries
+            if past_key_values is not None:
+                empty = hidden_states.new_zeros(B, 0, T, self.qk_dim)
+                past_key_values.update(empty, empty, self.layer_idx)
+            return torch.zeros_like(hidden_states), None
         q, k, v = self.qkv(hidden_states, position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)

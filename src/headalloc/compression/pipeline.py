@@ -186,8 +186,9 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens "
                                f"({cfg.fit_text} text, '{cfg.corpus}' train split)")
         cal = calibration(teacher, tok, cfg, progress)
-    _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}")
-    plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress)
+    _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
+                           f"target {cfg.target}")
+    plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)
     metrics["seconds_plan"] = time.time() - t0
     if evaluate:

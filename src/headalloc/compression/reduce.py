@@ -144,6 +144,10 @@ def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: 
         raise ValueError(f"layer {layer_idx}: this family normalises every query and key head over its full width "
                          f"{hd} (q_norm/k_norm), so the query-key width cannot be narrowed exactly (asked {lp.qk_dim}); "
                          f"narrow the value width or remove heads instead (the strategies do this for this family)")
+    if lp.empty:  # no attention in this layer
+        z = w.q.new_zeros(0, w.q.shape[1]).float().cpu()
+        return (HeadSpec(0, 0, lp.qk_dim, lp.v_dim, [], w.scale, {}, False),
+                AttentionWeights(q=z, k=z, v=z, o=z.T.contiguous(), scale=w.scale))
     keep_kv = list(range(g.n_kv)) if lp.keep_kv is None else list(lp.keep_kv)
     keep_rep = [list(range(g.n_rep))] * len(keep_kv) if lp.keep_rep is None else [list(r) for r in lp.keep_rep]
     if not keep_kv or len(keep_rep) != len(keep_kv) or len({len(r) for r in keep_rep}) != 1 or not keep_rep[0]:
@@ -186,6 +190,8 @@ def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: 
 
 
 def _state(w: AttentionWeights) -> dict:
+    if w.q.numel() == 0:  # a layer without attention has no weights
+        return {}
     sd = {"q_proj.weight": w.q, "k_proj.weight": w.k, "v_proj.weight": w.v, "o_proj.weight": w.o}
     for name, t in (("q_proj.bias", w.q_bias), ("k_proj.bias", w.k_bias), ("v_proj.bias", w.v_bias),
                     ("o_proj.bias", w.o_bias), ("q_norm.weight", w.q_norm), ("k_norm.weight", w.k_norm)):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from headalloc.compression.targets import TARGETS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -22,6 +24,9 @@ class CompressConfig:
     strategy: str = _f("measured", "where to cut (see `headalloc compress --help` for each)", "plan")
     budget_kind: str = _f("params", "what the budget counts: attention parameters or KV-cache bytes per token",
                           "plan", ("params", "kv"))
+    target: str = _f("any", "where the compressed model will run: 'any' (headalloc's runtime: any per-layer head "
+                            "counts and widths) or 'llamacpp' (GGUF for llama.cpp: per-layer head counts only, "
+                            "original head width; a layer may lose its attention)", "plan", tuple(TARGETS))
     step: int = _f(8, "candidate widths are multiples of this (even, up to the head dim)", "plan")
     # calibration text: planning, calibration and both distillation stages read only its train split
     corpus: str = _f("wiki", "calibration/distillation text: 'wiki', 'pydoc', a text file (documents separated "

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 class HeadSpec:
     """One attention layer: n_kv_heads kv heads, n_rep query heads each, query-key width qk_dim and
     value width v_dim per head; rotary pairs kept per kv head; which projections carry biases;
-    per-head q/k norms. The dict form is what `modeling_headalloc` reads from config.json."""
+    per-head q/k norms. n_kv_heads = n_rep = 0: a layer without attention (it adds nothing).
+    The dict form is what `modeling_headalloc` reads from config.json."""
 
     n_kv_heads: int
     n_rep: int
@@ -71,8 +72,15 @@ class LayerPlan:
     keep_kv: list[int] | None = None  # indices of kept kv heads (None: all)
     keep_rep: list[list[int]] | None = None  # per kept kv head, kept query heads (None: all)
 
+    @property
+    def empty(self) -> bool:
+        """No attention at all in this layer (every head removed): the layer adds nothing to the residual."""
+        return self.keep_kv is not None and len(self.keep_kv) == 0
+
     def shape(self, n_kv: int, n_rep: int, bias: dict | None = None, qk_norm: bool = False) -> HeadSpec:
         """The HeadSpec this choice gives in a layer of n_kv kv heads with n_rep query heads each."""
+        if self.empty:
+            return HeadSpec(0, 0, self.qk_dim, self.v_dim, rope_pairs=[])
         g = n_kv if self.keep_kv is None else len(self.keep_kv)
         r = n_rep if self.keep_rep is None else len(self.keep_rep[0])
         return HeadSpec(g, r, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm)
@@ -94,6 +102,7 @@ class Plan:
     budget: float = 1.0
     budget_kind: str = "params"
     info: dict = field(default_factory=dict)
+    target: str = "any"
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -106,7 +115,7 @@ class Plan:
 
     def to_dict(self, with_info: bool = True) -> dict:
         d = {"strategy": self.strategy, "budget": self.budget, "budget_kind": self.budget_kind,
-             "layers": [lp.to_dict() for lp in self.layers]}
+             "target": self.target, "layers": [lp.to_dict() for lp in self.layers]}
         if with_info:
             d.update({k: v for k, v in self.info.items() if k not in d})
         return d

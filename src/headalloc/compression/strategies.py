@@ -14,7 +14,12 @@ times the teacher's. Candidate widths are multiples of `step` (8 by default) up 
   head to keep (ranked by the energy of each head's output on calibration text), chosen by the same
   knapsack over the measured error of each option.
 Families whose query-key width cannot be narrowed exactly (per-head q/k norms) get candidates with
-the full query-key width only. Add a strategy with `@strategy("name")`; the CLI's choices, the
+the full query-key width only. Under a target whose runtime keeps head widths fixed (`targets`,
+e.g. llama.cpp) every strategy chooses head counts instead of widths: uniform keeps the same
+(kv heads, query heads per kv head) in every layer, heads ranked by the weights' own energy
+||W_O^h W_V^g||; depth lets the number of kv heads fall linearly with depth; prune-heads ranks heads
+by output energy on calibration text; measured ranks them by the measured loss increase of removing
+each one, the same estimator as for widths; both knapsacks may also remove a layer's attention. Add a strategy with `@strategy("name")`; the CLI's choices, the
 experiments and the benchmark read `STRATEGIES`.
 """
 
@@ -29,9 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from headalloc.compression.calibration import Calibration
-from headalloc.compression.families import adapter_for
+from headalloc.compression.families import AttentionWeights, adapter_for
 from headalloc.compression.reduce import Geometry, attention_module, reduce_layer
 from headalloc.compression.spec import LayerPlan, Plan
+from headalloc.compression.targets import TARGETS, Target, get_target
 
 BUDGET_KINDS = ("params", "kv")
 
@@ -39,7 +45,7 @@ BUDGET_KINDS = ("params", "kv")
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    fn: Callable  # (model, budget, kind, step, calibration, progress) -> (list[LayerPlan], info)
+    fn: Callable  # (model, budget, kind, step, calibration, progress, target) -> (list[LayerPlan], info)
     needs_calibration: bool
     description: str
 
@@ -109,9 +115,12 @@ def _capacity(g: Geometry, budget: float, kind: str) -> tuple[int, int]:
 
 
 @strategy("uniform", needs_calibration=False)
-def uniform_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False):
+def uniform_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False,
+                 target: Target = TARGETS["any"]):
     """The same query-key and value width in every layer (the largest that fits)."""
     g = Geometry.of(model)
+    if target.widths_fixed:
+        return _uniform_heads(model, g, budget, kind), {}
     hd = g.head_dim
     full, cap = _capacity(g, budget, kind)
     qk = lambda d: d if g.qk_reducible else hd  # noqa: E731
@@ -122,9 +131,12 @@ def uniform_plan(model, budget: float, kind: str = "params", step: int = 8, cali
 
 
 @strategy("depth", needs_calibration=False)
-def depth_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False):
+def depth_plan(model, budget: float, kind: str = "params", step: int = 8, calibration=None, progress=False,
+               target: Target = TARGETS["any"]):
     """The paper's principle: early layers kept wider, widths falling linearly with depth."""
     g = Geometry.of(model)
+    if target.widths_fixed:
+        return _depth_heads(model, g, budget, kind), {}
     hd, L = g.head_dim, g.n_layers
     full, cap = _capacity(g, budget, kind)
     grid(hd, step)
@@ -141,6 +153,67 @@ def depth_plan(model, budget: float, kind: str = "params", step: int = 8, calibr
             dims[l] -= step
         l = l - 1 if l > 0 else L - 1
     return [LayerPlan(qk(d), d) for d in dims], {}
+
+
+def _heads_plan(g: Geometry, nk: int, nr: int, energy: torch.Tensor) -> LayerPlan:
+    """Full-width plan keeping the nk kv heads and, in each, the nr query heads of highest `energy` (n_kv, n_rep)."""
+    kv_order = torch.argsort(energy.sum(1), descending=True).tolist()
+    kept = sorted(kv_order[:nk])
+    reps = [sorted(torch.argsort(energy[k], descending=True)[:nr].tolist()) for k in kept]
+    return LayerPlan(g.head_dim, g.head_dim, keep_kv=kept, keep_rep=reps)
+
+
+@torch.no_grad()
+def weight_head_energy(model) -> list[torch.Tensor]:
+    """Per layer (n_kv, n_rep): ||W_O^h W_V^g||_F^2, each query head's value-output map (no data needed)."""
+    ad, g = adapter_for(model), Geometry.of(model)
+    out = []
+    for l in range(g.n_layers):
+        w = ad.weights(model, l)
+        Wv = w.v.double().view(g.n_kv, g.head_dim, -1)
+        Wo = w.o.double().view(g.hidden, g.n_kv, g.n_rep, g.head_dim)
+        out.append(torch.stack([torch.stack([(Wo[:, kv, h] @ Wv[kv]).square().sum() for h in range(g.n_rep)])
+                                for kv in range(g.n_kv)]).cpu())
+    return out
+
+
+def _uniform_heads(model, g: Geometry, budget: float, kind: str) -> list[LayerPlan]:
+    """The same (kv heads, query heads per kv head) in every layer: the costliest that fits (ties: more kv heads)."""
+    _, cap = _capacity(g, budget, kind)
+    energy = weight_head_energy(model)
+    shapes = [(nk, nr) for nk in range(1, g.n_kv + 1) for nr in range(1, g.n_rep + 1)]
+    cost = lambda nk, nr: g.spec(LayerPlan(g.head_dim, g.head_dim, list(range(nk)), [list(range(nr))] * nk)  # noqa: E731
+                                 ).cost(g.hidden, kind) * g.n_layers
+    fits = [(cost(nk, nr), nk, nr) for nk, nr in shapes if cost(nk, nr) <= cap]
+    if not fits:
+        raise ValueError(f"budget {budget} is below one head per layer in every layer; raise the budget (or use "
+                         f"the measured or prune-heads strategy, which may remove a layer's attention)")
+    _, nk, nr = max(fits)
+    return [_heads_plan(g, nk, nr, energy[l]) for l in range(g.n_layers)]
+
+
+def _depth_heads(model, g: Geometry, budget: float, kind: str) -> list[LayerPlan]:
+    """Kv heads per layer falling linearly with depth (mean fraction `budget`), all query heads per kv head
+    kept, trimmed from the deepest layers (kv heads, then query heads) until the budget holds."""
+    L, n = g.n_layers, g.n_kv
+    _, cap = _capacity(g, budget, kind)
+    energy = weight_head_energy(model)
+    a = max(0.0, min(1 - budget, budget - 1 / n))
+    nks = [int(min(n, max(1, round((budget + a * (1 - 2 * l / max(1, L - 1))) * n)))) for l in range(L)]
+    nrs = [g.n_rep] * L
+    plans = lambda: [_heads_plan(g, nk, nr, energy[l]) for l, (nk, nr) in enumerate(zip(nks, nrs))]  # noqa: E731
+    total = lambda: sum(g.spec(lp).cost(g.hidden, kind) for lp in plans())  # noqa: E731
+    l = L - 1
+    while total() > cap:
+        if all(k == 1 for k in nks) and all(r == 1 for r in nrs):
+            raise ValueError(f"budget {budget} is below one head per layer in every layer; raise the budget (or "
+                             f"use the measured or prune-heads strategy, which may remove a layer's attention)")
+        if nks[l] > 1:
+            nks[l] -= 1
+        elif all(k == 1 for k in nks) and nrs[l] > 1:
+            nrs[l] -= 1
+        l = l - 1 if l > 0 else L - 1
+    return plans()
 
 
 def attention_output_grads(model, cal: Calibration, progress: bool = False) -> list[list[torch.Tensor]]:
@@ -246,41 +319,65 @@ def head_energy(model, cal: Calibration) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _measure_pruning(model, cal: Calibration, kind: str, progress: bool):
+def head_removal_error(model, cal: Calibration) -> list[torch.Tensor]:
+    """Per layer (n_kv, n_rep): the measured loss increase (`layer_error`) of silencing one query head,
+    and, for ranking kv heads, the sum over its query heads. Higher = more needed."""
+    ad, g = adapter_for(model), Geometry.of(model)
+    out = []
+    for l in range(g.n_layers):
+        w = ad.weights(model, l)
+        spec, full = reduce_layer(w, None, g.full(), g, l)
+        err = torch.zeros(g.n_kv, g.n_rep, dtype=torch.float64)
+        for kv in range(g.n_kv):
+            for h in range(g.n_rep):
+                o = full.o.clone()
+                c = (kv * g.n_rep + h) * g.head_dim
+                o[:, c:c + g.head_dim] = 0  # the head's output removed, everything else kept
+                err[kv, h] = layer_error(model, l, cal, spec, AttentionWeights(**{**full.__dict__, "o": o}))
+        out.append(err)
+    return out
+
+
+@torch.no_grad()
+def _measure_pruning(model, cal: Calibration, kind: str, progress: bool, rank: str = "energy",
+                     empty: bool = False):
     """Per layer: every (kv heads kept, query heads per kv head kept) option at full width, the heads
-    ranked by output energy, with its cost and measured error."""
-    key = ("prune_options", kind)
+    ranked by output energy (`rank="energy"`) or by the measured error of removing each one
+    (`rank="measured"`), with its cost and measured error; with `empty`, also no attention at all."""
+    key = ("prune_options", kind, rank, empty)
     if key in cal.cache:
         return cal.cache[key]
     ad, g = adapter_for(model), Geometry.of(model)
     hd = g.head_dim
-    energy = head_energy(model, cal)
+    score = head_energy(model, cal) if rank == "energy" else head_removal_error(model, cal)
     options, plans = [], []
-    for l in tqdm(range(g.n_layers), desc="measuring head pruning", disable=not progress):
-        e, w = energy[l], ad.weights(model, l)
-        kv_order = torch.argsort(e.sum(1), descending=True).tolist()
+    for l in tqdm(range(g.n_layers), desc=f"measuring head pruning ({rank} ranking)", disable=not progress):
+        e, w = score[l], ad.weights(model, l)
         opts, ps = [], []
         for nk in range(1, g.n_kv + 1):
-            kept = sorted(kv_order[:nk])
             for nr in range(1, g.n_rep + 1):
-                reps = [sorted(torch.argsort(e[k], descending=True)[:nr].tolist()) for k in kept]
-                lp = LayerPlan(hd, hd, keep_kv=kept, keep_rep=reps)
+                lp = _heads_plan(g, nk, nr, e)
                 err = 0.0 if (nk == g.n_kv and nr == g.n_rep) else layer_error(
                     model, l, cal, *reduce_layer(w, None, lp, g, l))
                 opts.append((g.spec(lp).cost(g.hidden, kind), err))
                 ps.append(lp)
+        if empty:
+            lp = LayerPlan(hd, hd, keep_kv=[], keep_rep=[])
+            opts.append((g.spec(lp).cost(g.hidden, kind), layer_error(model, l, cal, *reduce_layer(w, None, lp, g, l))))
+            ps.append(lp)
         options.append(opts)
         plans.append(ps)
-    cal.cache[key] = (options, plans, energy)
+    cal.cache[key] = (options, plans, score)
     return cal.cache[key]
 
 
 @strategy("prune-heads")
 def prune_plan(model, budget: float, kind: str = "params", step: int = 8, calibration: Calibration | None = None,
-               progress: bool = False):
+               progress: bool = False, target: Target = TARGETS["any"]):
     """Baseline: remove whole heads, chosen per layer by measured error under the budget."""
     g = Geometry.of(model)
-    options, plans, energy = _measure_pruning(model, _with_grads(model, calibration, progress), kind, progress)
+    options, plans, energy = _measure_pruning(model, _with_grads(model, calibration, progress), kind, progress,
+                                              empty=target.propose_empty)
     _, cap = _capacity(g, budget, kind)
     picks = knapsack(options, cap)
     return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
@@ -294,10 +391,19 @@ def _with_grads(model, cal: Calibration, progress: bool) -> Calibration:
 
 @strategy("measured")
 def measured_plan(model, budget: float, kind: str = "params", step: int = 8, calibration: Calibration | None = None,
-                  progress: bool = False, heads: bool = True):
+                  progress: bool = False, target: Target = TARGETS["any"], heads: bool = True):
     """Ours: per layer and head, measured loss increase of each candidate; exact knapsack under the budget."""
     cal = _with_grads(model, calibration, progress)
     g = Geometry.of(model)
+    if target.widths_fixed:  # head counts only, heads ranked by their measured removal error
+        options, plans, score = _measure_pruning(model, cal, kind, progress, rank="measured",
+                                                 empty=target.propose_empty)
+        _, cap = _capacity(g, budget, kind)
+        picks = knapsack(options, cap)
+        plan = [plans[l][j] for l, j in enumerate(picks)]
+        return plan, {"head_removal_error": [e.tolist() for e in score],
+                      "layers_without_attention": [l for l, lp in enumerate(plan) if lp.empty],
+                      "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
     dims = grid(g.head_dim, step)
     key = ("width_errors", tuple(dims))
     if key not in cal.cache:  # the measurement does not depend on the budget
@@ -335,11 +441,15 @@ def _measured_choice(g: Geometry, dims, e_qk, e_v, budget, kind, extra=None):
 
 
 def make_plan(model, strategy_name: str, budget: float, calibration: Calibration | None = None, kind: str = "params",
-              step: int = 8, progress: bool = False) -> Plan:
-    """The plan of `strategy_name` at `budget` for `model` (calibration: from `calibration.collect`)."""
+              step: int = 8, progress: bool = False, target: str = "any") -> Plan:
+    """The plan of `strategy_name` at `budget` for `model` (calibration: from `calibration.collect`), choosing
+    only what `target`'s runtime runs (`targets.TARGETS`)."""
     check_budget(budget, strategy_name, kind)
+    t = get_target(target)
     s = STRATEGIES[strategy_name]
     if s.needs_calibration and (calibration is None or calibration.inputs is None):
         raise ValueError(f"strategy {strategy_name!r} needs calibration data with the layer inputs kept")
-    layers, info = s.fn(model, budget, kind, step, calibration=calibration, progress=progress)
-    return Plan(layers, strategy_name, budget, kind, info)
+    layers, info = s.fn(model, budget, kind, step, calibration=calibration, progress=progress, target=t)
+    g = Geometry.of(model)
+    t.check([g.spec(lp).to_dict() for lp in layers], g.head_dim)  # (rope pairs: all kept at full width)
+    return Plan(layers, strategy_name, budget, kind, info, target)
