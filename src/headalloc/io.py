@@ -151,10 +151,38 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = re.match(rf"^\..*\.{TMP_MARK}-(\d+)-", p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+        if m and not _pid_alive(int(m.group(1))):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, replace: bool = False):
+    """Yield a temporary file path next to `path` for a writer that needs a path (large outputs);
+    on success it takes the place of `path` by a rename, on error it is removed. An existing `path`
+    is replaced only if `replace`. Temporaries of killed runs are removed by the next write."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TMP_MARK}-{os.getpid()}-")
+        os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
+    if path.exists() and not replace:
+        os.unlink(tmp)
+        raise FileExistsError(f"{path} exists; refusing to replace it")
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
