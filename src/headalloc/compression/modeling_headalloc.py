@@ -22,7 +22,8 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
 - `qk_norm` (Qwen3): per-head RMSNorm of queries and keys over the full head width before rotary,
   so it requires k = head_dim with every pair kept (checked);
 - `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
-  residual stream and caches nothing (the cache still records the tokens' count).
+  residual stream and caches one placeholder element per token (transformers reads a layer's cached
+  length off its keys).
 The KV cache holds this layer's k and v widths, so its size follows the plan.
 """
 
@@ -176,10 +177,11 @@ class ReducedAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
         B, T, _ = hidden_states.shape
-        if self.n_kv == 0:  # nothing to attend with; the cache records the tokens with zero-width entries
-            if past_key_values is not None:
-                empty = hidden_states.new_zeros(B, 0, T, self.qk_dim)
-                past_key_values.update(empty, empty, self.layer_idx)
+        if self.n_kv == 0:  # nothing to attend with
+            if past_key_values is not None:  # transformers reads a layer's cached length off its keys, so one
+                # placeholder element per token records it (values: none)
+                past_key_values.update(hidden_states.new_zeros(B, 1, T, 1), hidden_states.new_zeros(B, 1, T, 0),
+                                       self.layer_idx)
             return torch.zeros_like(hidden_states), None
         q, k, v = self.qkv(hidden_states, position_embeddings)
         if past_key_values is not None:
