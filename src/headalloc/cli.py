@@ -238,6 +238,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{h['windows']} windows of {h['length']})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
+    if cfg.target == "llamacpp":
+        print(f"for llama.cpp: headalloc export-gguf {out} {out}.gguf")
     return 0
 
 

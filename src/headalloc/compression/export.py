@@ -69,7 +69,8 @@ def model_card(record: dict) -> str:
              "- attention-compression", "---", "",
              f"# {Path(str(base)).name}, attention compressed by headalloc", "",
              f"Strategy **{plan.get('strategy')}** at {plan.get('budget_kind')} budget **{plan.get('budget')}** "
-             f"of the original attention.", "",
+             f"of the original attention" + (f", for the `{plan['target']}` runtime" if plan.get("target", "any") != "any"
+                                             else "") + ".", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
              "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
@@ -91,10 +92,14 @@ def model_card(record: dict) -> str:
         lines += ["## Plan (per layer)", "", "| layer | kv heads kept | query heads per kv head | qk width | v width |",
                   "|---|---|---|---|---|"]
         for i, lp in enumerate(plan["layers"]):
-            kv = "all" if lp.get("keep_kv") is None else str(lp["keep_kv"])
+            kv = "all" if lp.get("keep_kv") is None else (str(lp["keep_kv"]) if lp["keep_kv"] else "none: no attention")
             rep = "all" if lp.get("keep_rep") is None else str(lp["keep_rep"])
             lines.append(f"| {i} | {kv} | {rep} | {lp['qk_dim']} | {lp['v_dim']} |")
         lines.append("")
+    if plan.get("target") == "llamacpp":
+        lines += ["## llama.cpp", "", "Every layer keeps the original head width, so llama.cpp runs this model "
+                  "(GGUF architecture `deci`, per-layer head counts):", "", "```console",
+                  "headalloc export-gguf FOLDER model.gguf --outtype f16", "```", ""]
     if record.get("command"):
         lines += ["## Made with", "", "```console", record["command"], "```", ""]
     lines += ["Settings, distillation records and timings: `headalloc.json`.", ""]
