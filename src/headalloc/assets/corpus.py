@@ -175,3 +175,33 @@ def token_windows(tokenizer, corpus: Corpus | str, split: str, length: int, n_wi
     rows = [np.concatenate([np.asarray(prefix_ids, dtype=np.int64), ids[s:s + body],
                             np.asarray(suffix_ids, dtype=np.int64)]) for s in starts]
     return torch.from_numpy(np.stack(rows))
+
+
+def document_windows(tokenizer, corpus: "Corpus | str", split: str, length: int, n_windows: int, seed: int = 0,
+                     prefix_ids: Sequence[int] = (), suffix_ids: Sequence[int] = ()):
+    """`n_windows` windows of `length` tokens, each from inside one document (no document separator in
+    it: long single-document context), at most one per document, documents chosen with `seed`. Too few
+    documents that long is an error that says how many the corpus has."""
+    import torch
+
+    if isinstance(corpus, str):
+        corpus = load_corpus(corpus)
+    body = length - len(prefix_ids) - len(suffix_ids)
+    if body < 1:
+        raise ValueError(f"window length {length} leaves no room for text")
+    texts = corpus.split(split)
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    long_docs = [d for d in enc if len(d) >= body]
+    if len(long_docs) < n_windows:
+        raise ValueError(f"the {split} split of corpus {corpus.name!r} has {len(long_docs)} documents of at least "
+                         f"{body} tokens; {n_windows} single-document windows of {length} were requested. Ask for "
+                         f"fewer or shorter windows, or use a corpus of longer documents (e.g. 'pydoc')")
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(long_docs), size=n_windows, replace=False))
+    rows = []
+    for i in pick:
+        d = long_docs[i]
+        s = int(rng.integers(0, len(d) - body + 1))
+        rows.append(np.concatenate([np.asarray(prefix_ids, dtype=np.int64), np.asarray(d[s:s + body], dtype=np.int64),
+                                    np.asarray(suffix_ids, dtype=np.int64)]))
+    return torch.from_numpy(np.stack(rows))

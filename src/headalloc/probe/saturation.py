@@ -216,3 +216,95 @@ def seqmodel_saturation(model, windows: torch.Tensor, lengths: Sequence[int]) ->
     norm = sums / counts_heads[None, :]
     return {"lengths": lengths, "norm_mean": norm.tolist(), "n_windows": int(windows.shape[0]),
             "slope_per_layer": [loglog_slope(lengths, norm[:, l]) for l in range(len(layers))]}
+
+
+READINGS = ("row", "col_mean", "col_max")
+
+
+def _readings(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per distribution (last dimension): ||J||_2 of the row (the first reading) and the per-key column
+    sensitivity ||dp/dz_l|| averaged and maximised over keys (the second reading)."""
+    from headalloc.theory.saturation import softmax_jacobian_columns
+
+    cm, cx = softmax_jacobian_columns(p)
+    return {"row": softmax_jacobian_norm(p.double()), "col_mean": cm, "col_max": cx}
+
+
+@torch.no_grad()
+def measure_saturation_readings(model, tokenizer, windows: torch.Tensor, lengths: Sequence[int],
+                                sinks: str = "first", progress: bool = True) -> dict:
+    """Both readings of the paper's "Jacobian of the attention scores with respect to the logits" against
+    context length L, with and without attention-sink keys, per layer (mean over heads and windows).
+
+    Causal models: one forward per window of max(L) tokens; "last" is the query row L-1 (exactly L keys),
+    "all" averages rows 1..L-1 of the window (row r sees r+1 keys; by causality they are the rows of a
+    window of L tokens). Bidirectional models: a forward per L on the first L-2 tokens of each window
+    between [CLS] and [SEP]; every row sees L keys ("all"; there is no "last").
+    Sinks: the first key (`sinks="first"`; for encoders also [SEP]); "without sinks" drops those keys and
+    renormalises the rest (the logits unchanged), rows that would have no key left are skipped."""
+    from headalloc.theory.saturation import without_keys
+
+    causal = is_causal_model(model)
+    lengths = _validate_lengths(lengths, max_positions(model))
+    Lmax = lengths[-1]
+    if windows.ndim != 2 or windows.shape[1] < Lmax:
+        raise ValueError(f"windows must be (n, >= {Lmax}) token ids; got shape {tuple(windows.shape)}")
+    rows_kind = ("last", "all") if causal else ("all",)
+    # acc[(reading, rows, sinks)][L index][layer] -> list of per-head means
+    acc: dict[tuple, dict] = {}
+
+    def add(key, i, layer, val: torch.Tensor):  # val (B, H, R) -> mean over B and R per head
+        acc.setdefault(key, {}).setdefault(i, {}).setdefault(layer, []).append(val.mean(dim=(0, 2)))
+
+    def cb_causal(c: AttentionChunk):
+        p = c.probs.double()  # (B, H, Lmax, Lmax), zeros past each row's last key
+        K = p.shape[-1]
+        sink = torch.zeros(K, dtype=torch.bool)
+        sink[0] = True
+        for tag, q in (("with", p), ("without", without_keys(p[:, :, 1:], sink[None, None, None]))):
+            r = _readings(q)  # each (B, H, rows)
+            start = 1  # row 0 has one key (or none without the sink)
+            for i, L in enumerate(lengths):
+                for name, v in r.items():
+                    add((name, "last", tag), i, c.layer, v[:, :, L - 1:L])
+                    add((name, "all", tag), i, c.layer, v[:, :, start:L])
+
+    t0 = time.perf_counter()
+    if causal:
+        with AttentionProbe(model, cb_causal):
+            for w in tqdm(windows[:, :Lmax], desc=f"saturation readings (L<={Lmax})", disable=not progress):
+                model(input_ids=w[None])
+    else:
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        for i, L in enumerate(tqdm(lengths, desc="saturation readings", disable=not progress)):
+            ids = torch.cat([torch.full((len(windows), 1), cls_id), windows[:, :L - 2],
+                             torch.full((len(windows), 1), sep_id)], dim=1)
+
+            def cb_enc(c: AttentionChunk, i=i):
+                p = c.probs.double()  # (B, H, L, L)
+                sink = torch.zeros(p.shape[-1], dtype=torch.bool)
+                sink[0] = sink[-1] = True  # [CLS] and [SEP]
+                for tag, q in (("with", p), ("without", without_keys(p, sink))):
+                    for name, v in _readings(q).items():
+                        add((name, "all", tag), i, c.layer, v)
+
+            with AttentionProbe(model, cb_enc):
+                model(input_ids=ids)
+    n_layers = len(next(iter(acc.values()))[0])
+    out = {}
+    for (name, rows, tag), per_len in acc.items():
+        m = np.array([[float(torch.cat(per_len[i][l]).mean()) for l in range(n_layers)] for i in range(len(lengths))])
+        slopes = [loglog_slope(lengths, m[:, l]) for l in range(n_layers)]
+        out[f"{name}|{rows}|{tag}"] = {"per_layer": m.tolist(), "slope_per_layer": slopes,
+                                       "slope_model": loglog_slope(lengths, m.mean(axis=1)),
+                                       "layers_at_1_over_L": int(sum(s <= -0.9 for s in slopes)),
+                                       "layers_falling": int(sum(s < 0 for s in slopes))}
+    return {"causal": causal, "lengths": lengths, "n_windows": int(len(windows)), "n_layers": n_layers,
+            "rows": list(rows_kind), "readings": out, "seconds": time.perf_counter() - t0,
+            "definitions": {
+                "row": "||diag(p) - p p^T||_2 of a query row (the norm of the row's Jacobian)",
+                "col_mean": "mean over keys l of ||dp/dz_l||_2 (how much the row's distribution moves per "
+                            "unit change of one key's logit)",
+                "col_max": "max over keys l of ||dp/dz_l||_2",
+                "without": "sink keys dropped and the rest renormalised (causal: the first token; encoder: "
+                           "[CLS] and [SEP])"}}

@@ -104,7 +104,11 @@ def plot_fourgram_tradeoff(rec: dict, paper: dict, path: Path) -> Path:
 
     hs = rec["heads_per_group"]
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
-    ax.errorbar(hs, rec["val_mse_mean"], yerr=rec["val_mse_std"], marker="o", capsize=3, label="measured val MSE")
+    series = rec.get("series") or {"measured": rec}
+    names = {"relbias": "per-head relative bias (main)", "sinusoidal": "sinusoidal positions (contrast)"}
+    for mech, ser in series.items():
+        ax.errorbar(ser["heads_per_group"], ser["val_mse_mean"], yerr=ser["val_mse_std"], marker="o", capsize=3,
+                    label=f"{names.get(mech, mech)}: val MSE")
     ax.plot(list(paper), list(paper.values()), "s--", color="C3", label="paper val MSE")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -120,30 +124,55 @@ def plot_fourgram_tradeoff(rec: dict, paper: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_fourgram_curves(rec: dict, path: Path) -> Path:
+    """Validation MSE against training step for every H (each seed a line), one panel per mechanism:
+    whether each run converged."""
+    series = rec.get("series") or {"measured": rec}
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, (mech, ser) in zip(axes[0], series.items()):
+        hs = ser["heads_per_group"]
+        for i, h in enumerate(hs):
+            for j, cv in enumerate(ser["curves"][str(h)]):
+                ax.plot([c[0] for c in cv], [c[1] for c in cv], color=cmap(i / max(1, len(hs) - 1)),
+                        label=f"H={h}" if j == 0 else None, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_title(mech, fontsize=9)
+    axes[0][0].set_ylabel("validation MSE")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("4-gram training curves (convergence check)", fontsize=10)
+    return save_figure(fig, path)
+
+
 def plot_dretrieval_grid(rec: dict, paper: dict, paper_T: list, path: Path) -> Path:
-    """NMSE against h per T (log scale), for each variant, with the paper's Table 2 for D=4."""
+    """NMSE against h per T (log scale), for each variant, with the paper's table for it dotted
+    (`paper`: variant -> {h: [NMSE per T in paper_T]}; Table 2 is a mean over seeds, Tables 4-5 a minimum,
+    and ours is drawn the same way)."""
     variants = [v for v in ("main", "d3", "two_layer") if v in rec["grid"]]
     fig, axes = plt.subplots(1, len(variants), figsize=(5.0 * len(variants), 4.2), squeeze=False)
-    titles = {"main": "D=4, one layer", "d3": "D=3, one layer", "two_layer": "D=4, two layers"}
+    titles = {"main": "D=4, one layer, width 8 per head (Table 2, mean)",
+              "d3": "D=3, one layer, E=32 (Table 4, min)", "two_layer": "D=4, two layers, E=32 (Table 5, min)"}
     for ax, v in zip(axes[0], variants):
         g = rec["grid"][v]
+        key = "mean" if v == "main" else "min"
+        table = paper.get(v, {}) if isinstance(next(iter(paper)), str) else (paper if v == "main" else {})
         hs = sorted(g, key=int)
         Ts = sorted({int(T) for h in hs for T in g[h]})
         cmap = plt.get_cmap("plasma")
         for i, T in enumerate(Ts):
             xs = [int(h) for h in hs if str(T) in g[h]]
-            ax.plot(xs, [g[str(h)][str(T)]["mean"] for h in xs], marker="o", color=cmap(i / max(1, len(Ts))),
+            ax.plot(xs, [g[str(h)][str(T)][key] for h in xs], marker="o", color=cmap(i / max(1, len(Ts))),
                     label=f"T={T}")
-            if v == "main" and T in paper_T:
-                ax.plot(sorted(paper), [paper[h][paper_T.index(T)] for h in sorted(paper)], ls=":",
+            if table and T in paper_T:
+                ax.plot(sorted(table), [table[h][paper_T.index(T)] for h in sorted(table)], ls=":",
                         color=cmap(i / max(1, len(Ts))), alpha=0.7)
         ax.set_yscale("log")
-        ax.set_xlabel("heads h (dimension 8 each)")
-        ax.set_ylabel("validation NMSE")
-        ax.set_title(titles[v] + (" (dotted: paper Table 2)" if v == "main" else ""))
+        ax.set_xlabel("heads h")
+        ax.set_ylabel(f"validation NMSE ({key} over seeds)")
+        ax.set_title(titles[v] + "\n(dotted: the paper)", fontsize=9)
         ax.legend(fontsize=7)
     return save_figure(fig, path)
-
 
 def plot_single_head(rec: dict, out: Path) -> list[Path]:
     """Two figures: output error against student dimension (per head and variant, at the longest L),
@@ -315,4 +344,30 @@ def plot_plan_grid(layers: list[dict], n_kv: int, n_rep: int, head_dim: int, pat
     fig.colorbar(im, ax=axes, shrink=0.8, label="kept width (blank: head removed)")
     fig.suptitle((title or "Attention plan: layers by heads, before and after")
                  + "\n(black lines separate the kv-head groups)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_saturation_readings(rec: dict, path: Path) -> Path:
+    """Model-mean value of each reading against L (log-log), one panel per model, with a 1/L guide."""
+    import numpy as np
+
+    models = rec["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.4), squeeze=False)
+    styles = {"row": "-", "col_mean": "--", "col_max": ":"}
+    for ax, (name, r) in zip(axes[0], models.items()):
+        L = np.array(r["lengths"], float)
+        for i, (key, v) in enumerate(sorted(r["readings"].items())):
+            reading, rows, sinks = key.split("|")
+            y = np.array(v["per_layer"]).mean(axis=1)
+            ax.plot(L, y, styles[reading], marker="o" if sinks == "with" else "x", ms=4,
+                    color=f"C{i % 10}", label=f"{reading}, {rows} rows, {sinks} sinks ({v['slope_model']:+.2f})")
+        ax.plot(L, 0.5 * L[0] / L * np.array(r["readings"][next(iter(r["readings"]))]["per_layer"]).mean(axis=1)[0],
+                "k", lw=0.6, alpha=0.5, label="1/L guide")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("context length L (keys)")
+        ax.set_ylabel("mean over layers and heads")
+        ax.set_title(f"{name}: slope in brackets (paper: -1)", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Two readings of ||J||: row norm vs per-key column sensitivity; with/without sink keys", fontsize=10)
     return save_figure(fig, path)

@@ -78,3 +78,22 @@ def softmax_jacobian_norm(p: torch.Tensor, rtol: float = 1e-12, max_iter: int = 
         act[idx] = ~conv
         active = act
     return lam.to(out_dtype)
+
+
+def softmax_jacobian_columns(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second reading of "the Jacobian with respect to the logits": the sensitivity of the whole
+    distribution to one key's logit, ||dp/dz_l||_2 = ||J e_l||_2 = p_l sqrt((1 - p_l)^2 + sum_i p_i^2 - p_l^2)
+    (column l of J = diag(p) - p p^T). Returns (mean over keys, max over keys) along the last dimension;
+    keys with p_l = 0 (masked) are excluded from the mean (their sensitivity is 0)."""
+    q = p.detach().to(torch.float64)
+    s = (q * q).sum(-1, keepdim=True)
+    col = q * torch.sqrt(((1 - q) ** 2 + s - q * q).clamp_min(0))
+    keys = (q > 0).sum(-1).clamp_min(1)
+    return col.sum(-1) / keys, col.amax(-1)
+
+
+def without_keys(p: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """p with the keys where `drop` (broadcastable boolean over the last dimension) is True removed and
+    the rest renormalised: the attention the row would have without those (sink) keys, logits unchanged."""
+    q = p.masked_fill(drop, 0.0)
+    return q / q.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
