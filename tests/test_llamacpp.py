@@ -56,6 +56,7 @@ def test_low_budgets_remove_whole_layers_or_say_why():
         plan = make_plan(m, s, 0.2, data, "kv", target="llamacpp")
         assert any(lp.empty for lp in plan)  # 3 layers, 2 kv heads each: 20% leaves room for one kv head
         assert sum(len(lp.keep_kv) for lp in plan) == 1
+        assert not plan[0].empty  # llama.cpp needs attention in the first layer
     for s in ("uniform", "depth"):
         with pytest.raises(ValueError, match="below one head per layer"):
             make_plan(m, s, 0.2, data, "kv", target="llamacpp")
@@ -148,6 +149,9 @@ def test_export_writes_per_layer_head_counts_and_refuses_what_llamacpp_cannot_ru
     narrow = compress_model(m, Plan([LayerPlan(8, 16), g.full(), g.full()]))
     with pytest.raises(ValueError, match="--target llamacpp"):
         export_gguf(narrow, tmp_path / "n.gguf", tokenizer_dir=tok_dir)
+    first_empty = compress_model(m, Plan([LayerPlan(hd, hd, [], []), g.full(), g.full()]))
+    with pytest.raises(ValueError, match="first layer"):  # llama.cpp reads the head width off layer 0
+        export_gguf(first_empty, tmp_path / "f.gguf", tokenizer_dir=tok_dir)
     with pytest.raises(ValueError, match="q/k normalisation"):
         export_gguf(tiny("qwen3"), tmp_path / "q.gguf", tokenizer_dir=tok_dir)
     with pytest.raises(ValueError, match="sliding window"):
@@ -250,3 +254,33 @@ def test_export_runs_where_the_engine_is_absent():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("deci")
+
+
+def test_compress_for_llamacpp_then_export_from_the_cli_bfloat16(tmp_path, capsys):
+    """The user's path: a bfloat16 Qwen2 folder compressed with --target llamacpp at a KV budget, saved, exported
+    to GGUF from the saved folder, and (with the engine) checked in llama.cpp."""
+    import json
+
+    folder = tiny_folder("qwen2", tmp_path / "qwen2", torch.bfloat16)
+    tiny = dict(corpus="pydoc", calib_windows=2, calib_length=32, distill_steps=2, kd_steps=2, kd_windows=2,
+                kd_length=32, eval_windows=2, eval_length=32, heldout="none")
+    out = tmp_path / "small"
+    args = ["compress", "--model", str(folder), "--budget", "0.5", "--budget-kind", "kv", "--target", "llamacpp",
+            "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in tiny.items()]
+    assert main(args) == 0
+    assert "export-gguf" in capsys.readouterr().out
+    layers = json.loads((out / "config.json").read_text())["attn_layers"]
+    assert all(a["n_kv_heads"] == 0 or a["qk_dim"] == a["v_dim"] == 16 for a in layers)
+    assert "## llama.cpp" in (out / "README.md").read_text()
+    gg = tmp_path / "small.gguf"
+    assert main(["export-gguf", str(out), str(gg), "--outtype", "f16"]) == 0
+    if ENGINE:
+        assert main(["check-gguf", str(out), str(gg), "--prompt", PROMPT, "--new-tokens", "2"]) == 0
+    # a plan for headalloc's own runtime (narrowed widths) is refused with the way out
+    other = tmp_path / "narrow"
+    assert main([
+        "compress", "--model", str(folder), "--budget", "0.5", "--strategy", "uniform", "--step", "4",
+        "--out", str(other)] + [f"--{k.replace('_', '-')}={v}" for k, v in tiny.items()]) == 0
+    capsys.readouterr()
+    assert main(["export-gguf", str(other), str(tmp_path / "narrow.gguf")]) == 2
+    assert "--target llamacpp" in capsys.readouterr().err

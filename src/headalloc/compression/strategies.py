@@ -340,11 +340,12 @@ def head_removal_error(model, cal: Calibration) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _measure_pruning(model, cal: Calibration, kind: str, progress: bool, rank: str = "energy",
-                     empty: bool = False):
+                     empty: bool = False, empty_from: int = 0):
     """Per layer: every (kv heads kept, query heads per kv head kept) option at full width, the heads
     ranked by output energy (`rank="energy"`) or by the measured error of removing each one
-    (`rank="measured"`), with its cost and measured error; with `empty`, also no attention at all."""
-    key = ("prune_options", kind, rank, empty)
+    (`rank="measured"`), with its cost and measured error; with `empty`, also no attention at all (in layers
+    from `empty_from` on)."""
+    key = ("prune_options", kind, rank, empty, empty_from)
     if key in cal.cache:
         return cal.cache[key]
     ad, g = adapter_for(model), Geometry.of(model)
@@ -361,7 +362,7 @@ def _measure_pruning(model, cal: Calibration, kind: str, progress: bool, rank: s
                     model, l, cal, *reduce_layer(w, None, lp, g, l))
                 opts.append((g.spec(lp).cost(g.hidden, kind), err))
                 ps.append(lp)
-        if empty:
+        if empty and l >= empty_from:
             lp = LayerPlan(hd, hd, keep_kv=[], keep_rep=[])
             opts.append((g.spec(lp).cost(g.hidden, kind), layer_error(model, l, cal, *reduce_layer(w, None, lp, g, l))))
             ps.append(lp)
@@ -377,7 +378,7 @@ def prune_plan(model, budget: float, kind: str = "params", step: int = 8, calibr
     """Baseline: remove whole heads, chosen per layer by measured error under the budget."""
     g = Geometry.of(model)
     options, plans, energy = _measure_pruning(model, _with_grads(model, calibration, progress), kind, progress,
-                                              empty=target.propose_empty)
+                                              empty=target.propose_empty, empty_from=int(target.first_layer_attention))
     _, cap = _capacity(g, budget, kind)
     picks = knapsack(options, cap)
     return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
@@ -397,7 +398,8 @@ def measured_plan(model, budget: float, kind: str = "params", step: int = 8, cal
     g = Geometry.of(model)
     if target.widths_fixed:  # head counts only, heads ranked by their measured removal error
         options, plans, score = _measure_pruning(model, cal, kind, progress, rank="measured",
-                                                 empty=target.propose_empty)
+                                                 empty=target.propose_empty,
+                                                 empty_from=int(target.first_layer_attention))
         _, cap = _capacity(g, budget, kind)
         picks = knapsack(options, cap)
         plan = [plans[l][j] for l, j in enumerate(picks)]

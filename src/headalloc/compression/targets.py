@@ -10,7 +10,9 @@
   frequencies are one setting for the whole model there, so every kept head keeps the original
   width and all its rotary pairs; per layer only the number of key-value heads and of query heads
   per key-value head (the same for every group of the layer) may change, or the layer's attention
-  may be removed.
+  may be removed, except in the first layer: llama.cpp reads the head width off layer 0's head count
+  (`n_embd / n_head(0)`, and ignores `key_length` when that count is 0), so a model whose first layer
+  has no attention loads with zero-width heads and fails (found by the engine test).
 A strategy asked for a target only proposes what the target can run (`strategies.make_plan`), and
 `check` says why a plan or a saved model cannot run there.
 """
@@ -28,6 +30,7 @@ class Target:
     # strategies also consider removing a layer's attention entirely (both runtimes run such a layer;
     # off for `any` so that its documented plans stay what they were measured as)
     propose_empty: bool
+    first_layer_attention: bool = False  # the runtime needs attention in layer 0 (llama.cpp)
 
     def problems(self, attn_layers: list[dict], head_dim: int) -> list[str]:
         """Why each layer of a per-layer spec (HeadSpec dicts, as in a saved config.json) cannot run
@@ -35,7 +38,10 @@ class Target:
         out = []
         for i, a in enumerate(attn_layers):
             if a["n_kv_heads"] == 0:
-                continue  # no attention: both runtimes run it
+                if i == 0 and self.first_layer_attention:
+                    out.append(f"layer 0 has no attention; {self.name} reads the head width off the first layer's "
+                               f"head count, so the first layer must keep at least one head")
+                continue  # no attention: both runtimes run it elsewhere
             if self.widths_fixed:
                 if a["qk_dim"] != head_dim or a["v_dim"] != head_dim:
                     out.append(f"layer {i} has query-key width {a['qk_dim']} and value width {a['v_dim']}; "
@@ -59,7 +65,8 @@ TARGETS: dict[str, Target] = {
                   "counts and widths", widths_fixed=False, propose_empty=False),
     "llamacpp": Target("llamacpp", "llama.cpp via GGUF (deci architecture): per-layer counts of key-value "
                        "heads and of query heads per key-value head, original head width, or no attention "
-                       "in a layer", widths_fixed=True, propose_empty=True),
+                       "in a layer but the first", widths_fixed=True, propose_empty=True,
+                       first_layer_attention=True),
 }
 
 
