@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--no-speed", action="store_true", help="perplexities only (for a busy machine)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES),
                     help="comma-separated subset (the settings are seeded, so runs are comparable)")
+    ap.add_argument("--budgets", default=None, help="comma-separated budgets run one after the other (default: --budget)")
+    ap.add_argument("--speed-of", default="measured",
+                    help="comma-separated strategies whose models get the speed measurement, or 'all'")
     add_config_args(ap, exclude=("strategy",))
     a = ap.parse_args()
     cfg = config_from_args(a, base=preset("default" if a.full else "quick")).validate()
@@ -50,11 +53,22 @@ def main():
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
           f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, top-{cfg.kd_topk} teacher targets{' + tail bucket' if cfg.kd_tail else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}, training {cfg.kd_train}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
-    models = {}
+    budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
+    for budget in budgets:
+        print(f"\n== {cfg.budget_kind} budget {budget} ==", flush=True)
+        run_budget(a, replace(cfg, budget=budget), teacher, tok, data, t_ppl)
+
+
+def run_budget(a, cfg, teacher, tok, data, t_ppl):
+    models, rows = {}, []
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
         t0 = time.time()
-        r = compress(teacher, tokenizer=tok, config=replace(cfg, strategy=strat), calibration_data=data,
-                     progress=False, keep_stages=True)
+        try:
+            r = compress(teacher, tokenizer=tok, config=replace(cfg, strategy=strat), calibration_data=data,
+                         progress=False, keep_stages=True)
+        except ValueError as e:  # e.g. a budget below a strategy's smallest option
+            print(f"  {strat:15s} not run: {e}", flush=True)
+            continue
         m = r.metrics
         p = m["after_distill"]["ppl"]
         mid = f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else ""
@@ -63,30 +77,38 @@ def main():
                 f"{ho['after']['ppl']:.2f} ({ho['after']['ppl'] / ho['teacher']['ppl']:.2f}x, {ho['windows']} windows "
                 f"of {ho['length']})" if ho else "")
         models[strat] = r.model
-        print(f"  {strat:12s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}   "
+        kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
+        rows.append((strat, p / t_ppl, ho["after"]["ppl"] / ho["teacher"]["ppl"] if ho else float("nan"), kvr,
+                     m["after_distill"]["kv_bytes_per_token"]))
+        print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}; KV {kvr:.3f}x   "
               f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
               f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
+    print(f"\n{'strategy':15s} {'Wikipedia':>10s} {'held-out':>9s} {'KV':>7s} {'KV bytes/token':>15s}  "
+          f"({cfg.budget_kind} budget {cfg.budget}; ratios to the original)")
+    for strat, w, h, kvr, kvb in rows:
+        print(f"{strat:15s} {w:9.2f}x {h:8.2f}x {kvr:6.3f}x {kvb:15,d}")
     if a.no_speed:
         return
-    if "measured" not in models:
-        return
-    m = models["measured"]
-    kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
-    print(f"measured: KV cache {kv:.3f}x of the original (target <= 0.55)")
+    speed_of = list(models) if a.speed_of == "all" else [s for s in a.speed_of.split(",") if s in models]
     long = token_windows(tok, "wiki", "validation", 4096, 1, seed=0)
-    for b in [int(x) for x in a.batches.split(",")]:
-        for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=a.repeats, progress=False,
-                            batch=b).items():
-            frac = v["decode_fraction_of_predicted"]
-            fb = v["decode_fraction_of_predicted_bytes"]
-            print(f"decode batch {b}, context {c}: decode speed-up measured {v['decode_speedup_measured']:.2f}x "
-                  f"({v['model']['decode_tok_s']:.1f} vs {v['reference']['decode_tok_s']:.1f} tok/s) vs FLOP-predicted "
-                  f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain "
-                  f"{frac if frac is None else round(frac, 2)}; target >= 0.9) and memory-traffic-predicted "
-                  f"{v['decode_speedup_predicted_bytes']:.2f}x (fraction {fb if fb is None else round(fb, 2)}); "
-                  f"prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
-                  f"against the stock HF model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
-                  f"{v['prefill_speedup_vs_stock']:.2f}x", flush=True)
+    for name in speed_of:
+        m = models[name]
+        kv = counts(m)["kv_bytes_per_token"] / counts(teacher)["kv_bytes_per_token"]
+        print(f"{name}: KV cache {kv:.3f}x of the original")
+        for b in [int(x) for x in a.batches.split(",")]:
+            for c, v in compare(teacher, m, long, (1024, 4096), a.new_tokens, repeats=a.repeats, progress=False,
+                                batch=b).items():
+                frac = v["decode_fraction_of_predicted"]
+                fb = v["decode_fraction_of_predicted_bytes"]
+                print(f"{name}: decode batch {b}, context {c}: decode speed-up measured "
+                      f"{v['decode_speedup_measured']:.2f}x ({v['model']['decode_tok_s']:.1f} vs "
+                      f"{v['reference']['decode_tok_s']:.1f} tok/s) vs FLOP-predicted "
+                      f"{v['decode_speedup_predicted']:.2f}x (fraction of predicted gain "
+                      f"{frac if frac is None else round(frac, 2)}) and memory-traffic-predicted "
+                      f"{v['decode_speedup_predicted_bytes']:.2f}x (fraction {fb if fb is None else round(fb, 2)}); "
+                      f"prefill {v['prefill_speedup_measured']:.2f}x vs {v['prefill_speedup_predicted']:.2f}x; "
+                      f"against the stock HF model: decode {v['decode_speedup_vs_stock']:.2f}x, prefill "
+                      f"{v['prefill_speedup_vs_stock']:.2f}x", flush=True)
     print(f"(speed-ups are against the original weights in the same runtime, identical logits; 'stock' is "
           f"transformers' LlamaForCausalLM with SDPA; {a.new_tokens} greedy decode steps after a one-sequence "
           f"prefill, best of {a.repeats} interleaved runs)")

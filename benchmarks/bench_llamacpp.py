@@ -18,7 +18,6 @@ Needs `./scripts/setup.sh --llamacpp`.
 """
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -21,6 +21,9 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
 - `scale` stays the original 1/sqrt(head_dim), so a plan that keeps everything is the original;
 - `qk_norm` (Qwen3): per-head RMSNorm of queries and keys over the full head width before rotary,
   so it requires k = head_dim with every pair kept (checked);
+- `"kind": "palu"` with `rank_k`, `rank_v` (`LatentAttention`): every head kept at full width, keys and
+  values through rank-r latents (Palu-style); the cache holds the latents (rank_k + rank_v entries per
+  token) and the keys are rebuilt from them, then rotated, at every step;
 - `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
   residual stream and caches one placeholder element per token (transformers reads a layer's cached
   length off its keys).
@@ -61,6 +64,10 @@ def validate_attn_layers(attn_layers: list, text_config) -> None:
         g, r, k, v = a["n_kv_heads"], a["n_rep"], a["qk_dim"], a["v_dim"]
         if g == 0 and r == 0 and not a.get("rope_pairs") and not any((a.get("bias") or {}).values()):
             continue  # a layer without attention
+        if a.get("kind", "heads") not in ("heads", "palu"):
+            raise ValueError(f"layer {i}: unknown attention kind {a.get('kind')!r} (heads, palu)")
+        if a.get("kind") == "palu" and not (1 <= a.get("rank_k", 0) <= g * k and 1 <= a.get("rank_v", 0) <= g * v):
+            raise ValueError(f"layer {i}: latent ranks must be in [1, kv heads x width]; got {a}")
         if min(g, r, k, v) < 1:
             raise ValueError(f"layer {i}: head counts and dimensions must be >= 1; got {a}")
         if k % 2:
@@ -224,6 +231,61 @@ class ReducedAttention(nn.Module):
         return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim))
 
 
+class LatentAttention(ReducedAttention):
+    """Palu-style attention: queries as the original; keys and values each through a low-rank latent,
+    c_k = x A_k (rank_k) and c_v = x A_v (rank_v), which is what the cache holds; at every step all cached
+    keys are rebuilt (c_k B_k, then their rotary positions) and values (c_v B_v). Cached tokens are taken
+    to sit at consecutive positions ending at the newest (no left padding)."""
+
+    def __init__(self, text_config, spec: dict, layer_idx: int):
+        super().__init__(text_config, {**spec, "kind": "heads"}, layer_idx)
+        self.spec = spec
+        bias = spec.get("bias") or {}
+        hidden = text_config.hidden_size
+        del self.k_proj, self.v_proj
+        self.rank_k, self.rank_v = spec["rank_k"], spec["rank_v"]
+        self.k_down = nn.Linear(hidden, self.rank_k, bias=False)
+        self.k_up = nn.Linear(self.rank_k, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
+        self.v_down = nn.Linear(hidden, self.rank_v, bias=False)
+        self.v_up = nn.Linear(self.rank_v, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
+        self.decode_fast_path = False
+        self._rotary = None  # the decoder's rotary embedding, set by HeadallocForCausalLM (not a submodule)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.n_q, self.qk_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q = q * cos[:, None].to(q.dtype) + rotate_half(q) * sin[:, None].to(q.dtype)
+        ck, cv = self.k_down(hidden_states)[:, None], self.v_down(hidden_states)[:, None]  # (B, 1, T, r)
+        if past_key_values is not None:
+            ck, cv = past_key_values.update(ck, cv, self.layer_idx)
+        S = ck.shape[2]
+        k = self.k_up(ck[:, 0]).view(B, S, self.n_kv, self.qk_dim).transpose(1, 2)
+        v = self.v_up(cv[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
+        if S != T:  # rotary positions of every cached key
+            if self._rotary is None:
+                raise RuntimeError("LatentAttention needs the decoder's rotary embedding for cached keys")
+            seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else S
+            pos = (torch.arange(S, device=k.device) + (seen - S))[None].expand(B, S)  # a sliding cache keeps the last S
+            cos, sin = self._rotary(k, pos)
+        k = k * cos[:, None].to(k.dtype) + rotate_half(k) * sin[:, None].to(k.dtype)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
+        kwargs.pop("sliding_window", None)
+        out, weights = attention_interface(self, q, k, v, attention_mask,
+                                           dropout=0.0 if not self.training else self.attention_dropout,
+                                           scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(B, T, self.n_q * self.v_dim).contiguous()), weights
+
+
+def make_attention(text_config, spec: dict, layer_idx: int) -> nn.Module:
+    """The attention module a per-layer spec describes."""
+    if spec.get("kind", "heads") == "palu":
+        return LatentAttention(text_config, spec, layer_idx)
+    return ReducedAttention(text_config, spec, layer_idx)
+
+
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain softmax attention (grouped-query), the fallback when no registered implementation applies."""
     n_rep = query.shape[1] // key.shape[1]
@@ -257,7 +319,9 @@ class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
         if config.attn_layers is None:
             raise ValueError("a headalloc model needs config.attn_layers (one attention spec per layer)")
         for i, layer in enumerate(attention_layers(self.model)):
-            layer.self_attn = ReducedAttention(tc, config.attn_layers[i], i)
+            layer.self_attn = make_attention(tc, config.attn_layers[i], i)
+            if isinstance(layer.self_attn, LatentAttention):
+                object.__setattr__(layer.self_attn, "_rotary", self.model.rotary_emb)
         self.vocab_size = tc.vocab_size
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.post_init()
@@ -302,4 +366,5 @@ class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
     def kv_cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         """Bytes of KV cache per token: sum over layers of kv_heads * (qk_dim + v_dim) * element size."""
         b = dtype_bytes or next(self.parameters()).element_size()
-        return sum(a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"]) for a in self.config.attn_layers) * b
+        return sum(a["rank_k"] + a["rank_v"] if a.get("kind") == "palu" else a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])
+                   for a in self.config.attn_layers) * b

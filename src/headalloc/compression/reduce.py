@@ -22,7 +22,8 @@ import torch
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import AttentionWeights, adapter_for
-from headalloc.compression.modeling_headalloc import HeadallocConfig, HeadallocForCausalLM, ReducedAttention
+from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, LatentAttention,
+                                                     make_attention)
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 
 
@@ -144,6 +145,8 @@ def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: 
         raise ValueError(f"layer {layer_idx}: this family normalises every query and key head over its full width "
                          f"{hd} (q_norm/k_norm), so the query-key width cannot be narrowed exactly (asked {lp.qk_dim}); "
                          f"narrow the value width or remove heads instead (the strategies do this for this family)")
+    if lp.kind == "palu":
+        return reduce_latent(w, M, lp, g, layer_idx, cache)
     if lp.empty:  # no attention in this layer
         z = w.q.new_zeros(0, w.q.shape[1]).float().cpu()
         return (HeadSpec(0, 0, lp.qk_dim, lp.v_dim, [], w.scale, {}, False),
@@ -189,9 +192,70 @@ def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: 
     return spec, red
 
 
+@torch.no_grad()
+def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_cache: dict | None = None):
+    """(up (out, rank), down (rank, in)) minimising E|W x - up down x|^2 for inputs of second moment C
+    (truncated SVD of W C^{1/2}, as SVD-LLM and Palu whiten; None: plain SVD of W). The singular values are
+    split evenly (sqrt) between the factors."""
+    W = W.double().cpu()
+    if C is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        down = Vh
+    else:
+        if sqrt_cache is not None and "sqrt" in sqrt_cache:
+            Cs, Cis = sqrt_cache["sqrt"]
+        else:
+            Cs, Cis = _sym_sqrt(C.double().cpu())
+            if sqrt_cache is not None:
+                sqrt_cache["sqrt"] = (Cs, Cis)
+        U, S, Vh = torch.linalg.svd(W @ Cs, full_matrices=False)
+        down = Vh @ Cis
+    r = min(rank, S.numel())
+    s = S[:r].sqrt()
+    up, down = U[:, :r] * s, s[:, None] * down[:r]
+    if r < rank:  # pad (more rank than the map has): zero directions change nothing
+        up = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], 1)
+        down = torch.cat([down, down.new_zeros(rank - r, down.shape[1])], 0)
+    return up.float(), down.float()
+
+
+@torch.no_grad()
+def reduce_latent(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
+                  cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
+    """Palu-style layer: every head kept; W_K and W_V each factorised (data-aware, whitened by the layer
+    input's second moment) into a down projection to a rank-r latent (what the cache holds) and an up
+    projection back to all kv heads (keys get their rotary positions after the up projection)."""
+    full = g.n_kv * g.head_dim
+    if lp.keep_kv is not None or lp.keep_rep is not None or (lp.qk_dim, lp.v_dim) != (g.head_dim, g.head_dim):
+        raise ValueError(f"layer {layer_idx}: a latent (palu) layer keeps every head at full width")
+    for name, r in (("rank_k", lp.rank_k), ("rank_v", lp.rank_v)):
+        if r is None or not 1 <= int(r) <= full:
+            raise ValueError(f"layer {layer_idx}: {name} must be in [1, {full}] (kv heads x head dim); got {r}")
+    if w.q_norm is not None:
+        raise ValueError(f"layer {layer_idx}: latent keys cannot carry per-head q/k norms (Qwen3)")
+    C = None if M is None else M.double()[:-1, :-1]  # biases stay on the up projections
+    sc = cache if cache is not None else {}
+    k_up, k_down = whitened_low_rank(w.k, C, int(lp.rank_k), sc)
+    v_up, v_down = whitened_low_rank(w.v, C, int(lp.rank_v), sc)
+    f32 = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+    spec = HeadSpec(g.n_kv, g.n_rep, g.head_dim, g.head_dim, [list(range(g.head_dim // 2))] * g.n_kv, w.scale,
+                    w.bias, False, kind="palu", rank_k=int(lp.rank_k), rank_v=int(lp.rank_v))
+    red = AttentionWeights(q=f32(w.q), k=k_up, v=v_up, o=f32(w.o), q_bias=f32(w.q_bias), k_bias=f32(w.k_bias),
+                           v_bias=f32(w.v_bias), o_bias=f32(w.o_bias), scale=w.scale, k_down=k_down, v_down=v_down)
+    return spec, red
+
+
 def _state(w: AttentionWeights) -> dict:
     if w.q.numel() == 0:  # a layer without attention has no weights
         return {}
+    if w.k_down is not None:  # latent keys and values
+        sd = {"q_proj.weight": w.q, "k_down.weight": w.k_down, "k_up.weight": w.k, "v_down.weight": w.v_down,
+              "v_up.weight": w.v, "o_proj.weight": w.o}
+        for name, t in (("q_proj.bias", w.q_bias), ("k_up.bias", w.k_bias), ("v_up.bias", w.v_bias),
+                        ("o_proj.bias", w.o_bias)):
+            if t is not None:
+                sd[name] = t
+        return sd
     sd = {"q_proj.weight": w.q, "k_proj.weight": w.k, "v_proj.weight": w.v, "o_proj.weight": w.o}
     for name, t in (("q_proj.bias", w.q_bias), ("k_proj.bias", w.k_bias), ("v_proj.bias", w.v_bias),
                     ("o_proj.bias", w.o_bias), ("q_norm.weight", w.q_norm), ("k_norm.weight", w.k_norm)):
@@ -202,10 +266,10 @@ def _state(w: AttentionWeights) -> dict:
 
 @torch.no_grad()
 def attention_module(text_config, spec: HeadSpec, w: AttentionWeights, layer_idx: int = 0,
-                     device=None, dtype=None) -> ReducedAttention:
+                     device=None, dtype=None) -> torch.nn.Module:
     """The student attention layer (the module the saved model runs) holding weights `w`."""
     with torch.device("meta"):
-        m = ReducedAttention(text_config, spec.to_dict(), layer_idx)
+        m = make_attention(text_config, spec.to_dict(), layer_idx)
     sd = {k: v.to(device=device or v.device, dtype=dtype or v.dtype) for k, v in _state(w).items()}
     m.load_state_dict(sd, assign=True, strict=True)
     return m

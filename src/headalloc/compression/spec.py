@@ -25,6 +25,11 @@ class HeadSpec:
     scale: float = 1.0
     bias: dict = field(default_factory=dict)
     qk_norm: bool = False
+    # "heads": the layout above; "palu": keys and values through rank-rank_k / rank_v latents (the cache
+    # holds the latents; keys are rebuilt from them before rotary positions are applied)
+    kind: str = "heads"
+    rank_k: int = 0
+    rank_v: int = 0
 
     @property
     def n_heads(self) -> int:
@@ -34,6 +39,9 @@ class HeadSpec:
         """Attention parameters: the four projections, their biases and the q/k norm weights."""
         nq, g, k, v = self.n_heads, self.n_kv_heads, self.qk_dim, self.v_dim
         weights = hidden * (nq * k + g * (k + v)) + nq * v * hidden
+        if self.kind == "palu":
+            weights = hidden * nq * k + (hidden + g * k) * self.rank_k + (hidden + g * v) * self.rank_v \
+                + nq * v * hidden
         b = self.bias or {}
         biases = (nq * k if b.get("q") else 0) + (g * k if b.get("k") else 0) + (g * v if b.get("v") else 0) \
             + (hidden if b.get("o") else 0)
@@ -41,11 +49,15 @@ class HeadSpec:
 
     def kv_size(self) -> int:
         """KV-cache entries per token (multiply by the element size for bytes)."""
+        if self.kind == "palu":
+            return self.rank_k + self.rank_v
         return self.n_kv_heads * (self.qk_dim + self.v_dim)
 
     def context_flops(self) -> int:
-        """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head."""
-        return 2 * self.n_heads * (self.qk_dim + self.v_dim)
+        """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head (palu: plus
+        rebuilding every cached key and value from its latent at each step)."""
+        rebuild = 2 * self.n_kv_heads * (self.rank_k * self.qk_dim + self.rank_v * self.v_dim) if self.kind == "palu" else 0
+        return 2 * self.n_heads * (self.qk_dim + self.v_dim) + rebuild
 
     def cost(self, hidden: int, kind: str) -> int:
         """What a budget counts: "params" or "kv"."""
@@ -71,6 +83,9 @@ class LayerPlan:
     v_dim: int
     keep_kv: list[int] | None = None  # indices of kept kv heads (None: all)
     keep_rep: list[list[int]] | None = None  # per kept kv head, kept query heads (None: all)
+    kind: str = "heads"  # "palu": every head kept, keys and values through latents of rank_k / rank_v
+    rank_k: int | None = None
+    rank_v: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -81,6 +96,9 @@ class LayerPlan:
         """The HeadSpec this choice gives in a layer of n_kv kv heads with n_rep query heads each."""
         if self.empty:
             return HeadSpec(0, 0, self.qk_dim, self.v_dim, rope_pairs=[])
+        if self.kind == "palu":
+            return HeadSpec(n_kv, n_rep, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm, kind="palu",
+                            rank_k=int(self.rank_k), rank_v=int(self.rank_v))
         g = n_kv if self.keep_kv is None else len(self.keep_kv)
         r = n_rep if self.keep_rep is None else len(self.keep_rep[0])
         return HeadSpec(g, r, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm)
@@ -90,7 +108,8 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
-        return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep")})
+        return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep", "rank_k", "rank_v")},
+                   kind=d.get("kind") or "heads")
 
 
 @dataclass

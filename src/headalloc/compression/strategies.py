@@ -455,3 +455,6 @@ def make_plan(model, strategy_name: str, budget: float, calibration: Calibration
     g = Geometry.of(model)
     t.check([g.spec(lp).to_dict() for lp in layers], g.head_dim)  # (rope pairs: all kept at full width)
     return Plan(layers, strategy_name, budget, kind, info, target)
+
+
+from headalloc.compression import latent as _latent  # noqa: E402,F401  (registers the latent strategies)

@@ -40,6 +40,10 @@ class AttentionWeights:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     scale: float = 1.0
+    # latent (Palu-style) layers: k = k_up @ k_down, v = v_up @ v_down; then `k` / `v` above hold the up
+    # projections (g*hd, rank) and these the down projections (rank, hidden)
+    k_down: torch.Tensor | None = None
+    v_down: torch.Tensor | None = None
 
     @property
     def bias(self) -> dict[str, bool]:

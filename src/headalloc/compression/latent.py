@@ -1,0 +1,152 @@
+"""Peers' parameterisation inside our pipeline: keys and values through low-rank latents (Palu-style).
+
+Palu (arXiv 2407.21118; code read at github.com/shadowpa0327/Palu) factorises each layer's key and
+value projections, W ~ B A, caches the latent A x (rank r instead of kv heads x head dim) and rebuilds
+the keys B (A x) at every step before rotary positions are applied. What is kept here: the data-aware
+factorisation (truncated SVD of W whitened by the layer input's second moment, as Palu takes from
+SVD-LLM), one latent over all the layer's kv heads (Palu's G-LRD with the group = every kv head; the
+models here have 3-5 kv heads, Palu's default group is 4), and Palu's rank search `fisher`: each
+projection's rank proportional to the mean square-root Fisher information of its weights (squared
+LM-loss gradients on calibration text), capped at its full size, rounded to `step` (Palu: 32). What is
+not: Palu's fused GPU kernels and its optional quantisation of the latents. Distillation afterwards is
+ours, the same for every strategy.
+
+`measured-latent` is our allocation over their parameterisation: the per-layer ranks chosen by the
+exact knapsack over the measured loss increase of each candidate rank (the estimator of `measured`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from headalloc.compression.calibration import Calibration
+from headalloc.compression.families import adapter_for
+from headalloc.compression.reduce import Geometry, reduce_layer
+from headalloc.compression.spec import LayerPlan
+from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, grid, knapsack, layer_error,
+                                              strategy)
+
+
+def _kv_weights_grad(attn, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(attn, "k_proj"):
+        return attn.k_proj.weight.grad, attn.v_proj.weight.grad
+    qkv = attn.qkv_proj.weight.grad  # Phi-3: [q; k; v] rows
+    nq, nk = g.n_kv * g.n_rep * g.head_dim, g.n_kv * g.head_dim
+    return qkv[nq:nq + nk], qkv[nq + nk:nq + 2 * nk]
+
+
+def weight_fisher(model, cal: Calibration, progress: bool = False) -> np.ndarray:
+    """(layers, 2): Palu's sensitivity of W_K and W_V, mean over weights of sqrt(E[(dL/dw)^2]) over the
+    calibration windows (next-token loss)."""
+    key = "weight_fisher"
+    if key in cal.cache:
+        return cal.cache[key]
+    ad, g = adapter_for(model), Geometry.of(model)
+    attns = [ad.attention(model, l) for l in range(g.n_layers)]
+    acc = np.zeros((g.n_layers, 2))
+    sums = [[None, None] for _ in range(g.n_layers)]
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    device = ad.embed(model).weight.device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for a in attns:
+            for p in a.parameters():
+                p.requires_grad_(True)
+        for w in tqdm(cal.windows, desc="Fisher information (palu)", disable=not progress, leave=False):
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                ids = w[None].to(device)
+                model(input_ids=ids, labels=ids).loss.backward()
+            for l, a in enumerate(attns):
+                for j, gr in enumerate(_kv_weights_grad(a, g)):
+                    sq = gr.detach().double().square().cpu()
+                    sums[l][j] = sq if sums[l][j] is None else sums[l][j] + sq
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(req[n])
+    for l in range(g.n_layers):
+        for j in range(2):
+            acc[l, j] = float((sums[l][j] / len(cal.windows)).sqrt().mean())
+    cal.cache[key] = acc
+    return acc
+
+
+def _latent_plan(g: Geometry, ranks: np.ndarray) -> list[LayerPlan]:
+    return [LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=int(rk), rank_v=int(rv)) for rk, rv in ranks]
+
+
+def _cost(g: Geometry, ranks: np.ndarray, kind: str) -> int:
+    return sum(g.spec(lp).cost(g.hidden, kind) for lp in _latent_plan(g, ranks))
+
+
+def _check_target(target: Target, name: str) -> None:
+    if target.widths_fixed:
+        raise ValueError(f"{name}: latent keys and values have no counterpart in {target.name}; use --target any")
+
+
+@strategy("palu")
+def palu_plan(model, budget: float, kind: str = "kv", step: int = 8, calibration: Calibration | None = None,
+              progress: bool = False, target: Target = TARGETS["any"]):
+    """Peer (Palu-style): low-rank latent keys and values, ranks per layer by Fisher information."""
+    _check_target(target, "palu")
+    g = Geometry.of(model)
+    full = g.n_kv * g.head_dim
+    fisher = weight_fisher(model, calibration, progress)
+    _, cap = _capacity(g, budget, kind)
+    total = budget * fisher.size * full  # Palu: a total rank, split in proportion to the Fisher information
+    ranks = np.minimum(full, np.maximum(step, np.round(total * fisher / fisher.sum() / step) * step)).astype(int)
+    order = np.argsort(fisher, axis=None)  # trim the least sensitive projections first
+    i = 0
+    while _cost(g, ranks, kind) > cap:
+        l, j = np.unravel_index(order[i % order.size], fisher.shape)
+        if ranks[l, j] > step:
+            ranks[l, j] -= step
+        i += 1
+        if i > 100 * order.size:
+            raise ValueError(f"budget {budget} is below the smallest latent ranks ({step}); raise the budget")
+    return _latent_plan(g, ranks), {"fisher_k_v": fisher.tolist(), "ranks": ranks.tolist()}
+
+
+@strategy("measured-latent")
+def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
+                         calibration: Calibration | None = None, progress: bool = False,
+                         target: Target = TARGETS["any"]):
+    """Ours over the peers' latents: per-layer ranks by measured loss increase and an exact knapsack."""
+    _check_target(target, "measured-latent")
+    cal = _with_grads(model, calibration, progress)
+    ad, g = adapter_for(model), Geometry.of(model)
+    full = g.n_kv * g.head_dim
+    cands = grid(full, 2 * step) if full >= 2 * step else [full]
+    key = ("latent_errors", tuple(cands))
+    if key not in cal.cache:
+        e = np.zeros((g.n_layers, 2, len(cands)))
+        for l in tqdm(range(g.n_layers), desc="measuring latent ranks", disable=not progress):
+            w, M = ad.weights(model, l), cal.second_moment[l]
+            sc: dict = {}
+            for i, r in enumerate(cands):
+                if r < full:
+                    e[l, 0, i] = layer_error(model, l, cal, *reduce_layer(
+                        w, M, LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=r, rank_v=full), g, l, sc))
+                    e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(
+                        w, M, LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=full, rank_v=r), g, l, sc))
+        cal.cache[key] = e
+    e = cal.cache[key]
+    options, labels = [], []
+    for l in range(g.n_layers):
+        opts, labs = [], []
+        for i, rk in enumerate(cands):
+            for j, rv in enumerate(cands):
+                lp = LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
+                opts.append((g.spec(lp).cost(g.hidden, kind), e[l, 0, i] + e[l, 1, j]))
+                labs.append(lp)
+        options.append(opts)
+        labels.append(labs)
+    _, cap = _capacity(g, budget, kind)
+    picks = knapsack(options, cap)
+    plan = [labels[l][j] for l, j in enumerate(picks)]
+    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan],
+                  "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}

@@ -1,0 +1,92 @@
+"""Palu-style latent keys and values: exact at full rank per family, the whitened factorisation against
+Eckart-Young with an independent matrix square root, cached decoding, saving, the strategies' budgets."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from families import tiny, tiny_tokenizer
+from transformers import DynamicCache
+
+from headalloc.compression.calibration import collect
+from headalloc.compression.reduce import Geometry, compress_model, whitened_low_rank
+from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
+from headalloc.compression.strategies import make_plan
+
+
+def _latent(g, rk, rv):
+    return LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "mistral", "qwen2", "phi3"])
+def test_full_rank_latents_are_the_family_model_and_cache_correctly(family):
+    m = tiny(family)
+    g = Geometry.of(m)
+    full = g.n_kv * g.head_dim
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    st = compress_model(m, Plan([_latent(g, full, full)] * g.n_layers), data)
+    ids = torch.randint(0, 300, (2, 15))
+    with torch.no_grad():
+        want = m(ids).logits
+        torch.testing.assert_close(st(ids).logits, want, atol=2e-5, rtol=1e-4)
+        low = compress_model(m, Plan([_latent(g, 8, 16)] * g.n_layers), data)
+        ref = low(ids).logits
+        a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
+        b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
+        torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)  # keys rebuilt from cached latents
+    assert low.kv_cache_bytes_per_token(1) == g.n_layers * (8 + 16)
+
+
+def test_whitened_factorisation_is_the_best_rank_r_map_for_the_data():
+    """E|Wx - UDx|^2 = tr((W - UD) C (W - UD)^T) equals the Eckart-Young tail of W C^{1/2}, with C^{1/2}
+    from scipy's sqrtm (independent of ours)."""
+    rng = np.random.default_rng(0)
+    W = torch.tensor(rng.standard_normal((12, 20)))
+    X = rng.standard_normal((500, 20)) @ rng.standard_normal((20, 20))
+    C = torch.tensor(X.T @ X / 500)
+    for r in (1, 4, 9):
+        up, down = whitened_low_rank(W, C, r)
+        E = W - up.double() @ down.double()
+        err = float(torch.trace(E @ C @ E.T))
+        s = np.linalg.svd(W.numpy() @ np.real(scipy.linalg.sqrtm(C.numpy())), compute_uv=False)
+        assert err == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["palu", "measured-latent"])
+def test_latent_strategies_meet_the_kv_budget_and_refuse_llamacpp(strategy):
+    m = tiny("llama-bias")
+    g = Geometry.of(m)
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    plan = make_plan(m, strategy, 0.5, data, "kv", step=8)
+    used = sum(g.spec(lp).kv_size() for lp in plan)
+    assert used <= 0.5 * g.n_layers * 2 * g.n_kv * g.head_dim
+    st = compress_model(m, plan, data)
+    assert st.kv_cache_bytes_per_token(1) == used
+    assert [HeadSpec.from_dict(a).kv_size() for a in st.config.attn_layers] == [lp.rank_k + lp.rank_v for lp in plan]
+    with pytest.raises(ValueError, match="llamacpp"):
+        make_plan(m, strategy, 0.5, data, "kv", target="llamacpp")
+
+
+def test_a_saved_latent_model_loads_without_headalloc(tmp_path):
+    m = tiny("qwen2")
+    g = Geometry.of(m)
+    st = compress_model(m, Plan([_latent(g, 8, 24), _latent(g, 16, 16), _latent(g, 32, 8)]))
+    from headalloc.compression.export import save_compressed
+
+    save_compressed(st, tiny_tokenizer(), tmp_path / "m")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        want = st(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch; sys.modules['headalloc'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True)\n"
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+            f"torch.save(m(ids).logits.detach(), {str(tmp_path / 'out.pt')!r})\n"
+            "print(m.generate(ids, max_new_tokens=4, do_sample=False).shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-4)
