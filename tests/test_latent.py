@@ -90,3 +90,57 @@ def test_a_saved_latent_model_loads_without_headalloc(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2", "phi3"])
+def test_mla_layers_with_every_pair_and_full_rank_are_the_family_model(family):
+    m = tiny(family)
+    g = Geometry.of(m)
+    hd = g.head_dim
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    full = compress_model(m, Plan([LayerPlan(hd, hd, kind="mla", rank=g.n_kv * hd, rope_keep=hd // 2)] * 3), data)
+    ids = torch.randint(0, 300, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, m(ids).logits, atol=2e-5, rtol=1e-4)
+        low = compress_model(m, Plan([LayerPlan(hd, hd, kind="mla", rank=12, rope_keep=2)] * 3), data)
+        ref = low(ids).logits
+        a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
+        b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
+        torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)
+    assert low.kv_cache_bytes_per_token(1) == 3 * (g.n_kv * 2 * 2 + 12)
+    assert HeadSpec.from_dict(low.config.attn_layers[0]).kv_size() == g.n_kv * 4 + 12
+
+
+def test_mla_keeps_the_highest_energy_pairs_and_more_pairs_stay_closer_to_the_original():
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.reduce import pair_importance
+
+    m = tiny("llama")
+    g = Geometry.of(m)
+    hd = g.head_dim
+    data = collect(m, torch.randint(0, 300, (4, 24)))
+    ids = torch.randint(0, 300, (2, 20))
+    errs = {}
+    for p in (1, 4, hd // 2):
+        full_rank = g.n_kv * (2 * hd - 2 * p)  # no truncation: only the dropped rotation differs
+        st = compress_model(m, Plan([LayerPlan(hd, hd, kind="mla", rank=full_rank, rope_keep=p)] * 3), data)
+        with torch.no_grad():
+            errs[p] = float((st(ids).logits - m(ids).logits).square().mean())
+        if p == 4:
+            imp = pair_importance(adapter_for(m).weights(m, 0), data.second_moment[0], g)
+            assert st.config.attn_layers[0]["rope_pairs"] == [sorted(torch.topk(imp[kv], 4).indices.tolist())
+                                                             for kv in range(g.n_kv)]
+    assert errs[hd // 2] < 1e-9 < errs[4] < errs[1]
+
+
+def test_mha2mla_strategy_meets_the_budget():
+    m = tiny("llama-bias")
+    g = Geometry.of(m)
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    for b in (0.5, 0.25):
+        plan = make_plan(m, "mha2mla", b, data, "kv", step=4)
+        assert sum(g.spec(lp).kv_size() for lp in plan) <= b * g.n_layers * 2 * g.n_kv * g.head_dim
+        assert len({(lp.rank, lp.rope_keep) for lp in plan}) == 1  # the same in every layer, as MHA2MLA
+        st = compress_model(m, plan, data)
+        with torch.no_grad():
+            assert torch.isfinite(st(torch.randint(0, 300, (1, 9))).logits).all()

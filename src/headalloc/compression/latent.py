@@ -11,6 +11,15 @@ LM-loss gradients on calibration text), capped at its full size, rounded to `ste
 not: Palu's fused GPU kernels and its optional quantisation of the latents. Distillation afterwards is
 ours, the same for every strategy.
 
+MHA2MLA (arXiv 2502.14837; code: github.com/JT-Ushio/MHA2MLA) converts a model to DeepSeek's MLA:
+partial RoPE (per head the frequency pairs of largest contribution keep their rotation, its "2-norm"
+criterion; the rest lose it) and a joint low-rank latent for the non-rotary key part and the value
+(its SVD_joint), which the cache holds with the kept rotary key part; then fine-tuning. `mha2mla` keeps
+that: the same number of pairs and the same latent rank in every layer (as MHA2MLA), pairs ranked by our
+data-aware logit energy (the same idea as its 2-norm), the joint factorisation whitened like Palu's, 4
+pairs per kv head (MHA2MLA's r = 4) unless the budget forces fewer; the rank is what the KV budget leaves.
+Not kept: its absorbed-matrix inference kernels (our runtime rebuilds keys and values from the latent).
+
 `measured-latent` is our allocation over their parameterisation: the per-layer ranks chosen by the
 exact knapsack over the measured loss increase of each candidate rank (the estimator of `measured`).
 """
@@ -150,3 +159,25 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
     plan = [labels[l][j] for l, j in enumerate(picks)]
     return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan],
                   "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
+
+
+MLA_PAIRS = 4  # MHA2MLA's partial RoPE: r = 4 kept frequency pairs per head
+
+
+@strategy("mha2mla")
+def mha2mla_plan(model, budget: float, kind: str = "kv", step: int = 8, calibration: Calibration | None = None,
+                 progress: bool = False, target: Target = TARGETS["any"]):
+    """Peer (MHA2MLA-style): partial RoPE + a joint key/value latent, the same in every layer."""
+    _check_target(target, "mha2mla")
+    g = Geometry.of(model)
+    hd = g.head_dim
+    _, cap = _capacity(g, budget, kind)
+    for p in range(min(MLA_PAIRS, hd // 2), 0, -1):
+        top = g.n_kv * (2 * hd - 2 * p)
+        fits = [r for r in range(step, top + 1, step)
+                if g.spec(LayerPlan(hd, hd, kind="mla", rank=r, rope_keep=p)).cost(g.hidden, kind) * g.n_layers <= cap]
+        if fits:
+            r = max(fits)
+            return [LayerPlan(hd, hd, kind="mla", rank=r, rope_keep=p) for _ in range(g.n_layers)], \
+                {"rope_pairs_per_kv_head": p, "rank": r}
+    raise ValueError(f"budget {budget} is below one rotary pair and a latent of rank {step}; raise the budget")

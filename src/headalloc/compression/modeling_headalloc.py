@@ -24,6 +24,9 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
 - `"kind": "palu"` with `rank_k`, `rank_v` (`LatentAttention`): every head kept at full width, keys and
   values through rank-r latents (Palu-style); the cache holds the latents (rank_k + rank_v entries per
   token) and the keys are rebuilt from them, then rotated, at every step;
+- `"kind": "mla"` with `rank` and `rope_pairs` (`MLAAttention`, MHA2MLA-style): per kv head the kept
+  rotary pairs keep their rotation (cached as keys), the rest of each key loses it and comes, with the
+  values, from one joint latent of rank `rank` (cached): 2 * pairs * kv heads + rank entries per token;
 - `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
   residual stream and caches one placeholder element per token (transformers reads a layer's cached
   length off its keys).
@@ -64,8 +67,15 @@ def validate_attn_layers(attn_layers: list, text_config) -> None:
         g, r, k, v = a["n_kv_heads"], a["n_rep"], a["qk_dim"], a["v_dim"]
         if g == 0 and r == 0 and not a.get("rope_pairs") and not any((a.get("bias") or {}).values()):
             continue  # a layer without attention
-        if a.get("kind", "heads") not in ("heads", "palu"):
-            raise ValueError(f"layer {i}: unknown attention kind {a.get('kind')!r} (heads, palu)")
+        if a.get("kind", "heads") not in ("heads", "palu", "mla"):
+            raise ValueError(f"layer {i}: unknown attention kind {a.get('kind')!r} (heads, palu, mla)")
+        if a.get("kind") == "mla":
+            pairs = a.get("rope_pairs")
+            if not (1 <= a.get("rank", 0) <= g * (k + v)) or pairs is None or len(pairs) != g \
+                    or len({len(p) for p in pairs}) != 1 or k != head_dim:
+                raise ValueError(f"layer {i}: an mla layer needs rank in [1, {g * (k + v)}], full width and the same "
+                                 f"number of kept rotary pairs for each of {g} kv heads; got {a}")
+            continue
         if a.get("kind") == "palu" and not (1 <= a.get("rank_k", 0) <= g * k and 1 <= a.get("rank_v", 0) <= g * v):
             raise ValueError(f"layer {i}: latent ranks must be in [1, kv heads x width]; got {a}")
         if min(g, r, k, v) < 1:
@@ -279,10 +289,64 @@ class LatentAttention(ReducedAttention):
         return self.o_proj(out.reshape(B, T, self.n_q * self.v_dim).contiguous()), weights
 
 
+class MLAAttention(ReducedAttention):
+    """MHA2MLA-style attention. Queries keep the full width, laid out per head as [kept rotary pairs
+    (first halves, second halves) | the other coordinates]; keys are [k_rope (rotated, cached) | k_nope =
+    c W_uk (no rotation)] and values c W_uv, with c = x W_down the joint latent (cached)."""
+
+    def __init__(self, text_config, spec: dict, layer_idx: int):
+        pairs = [list(p) for p in spec["rope_pairs"]]
+        super().__init__(text_config, {**spec, "kind": "heads", "qk_dim": spec["qk_dim"],
+                                       "rope_pairs": [list(range(full_head_dim(text_config) // 2))] * spec["n_kv_heads"]},
+                         layer_idx)
+        self.spec = spec
+        self._rope_pairs = pairs
+        self.p2 = 2 * len(pairs[0])  # rotated coordinates per kv head
+        bias = spec.get("bias") or {}
+        hidden = text_config.hidden_size
+        del self.k_proj, self.v_proj
+        self.rank = spec["rank"]
+        self.k_rope = nn.Linear(hidden, self.n_kv * self.p2, bias=bool(bias.get("k")))
+        self.kv_down = nn.Linear(hidden, self.rank, bias=False)
+        self.k_up = nn.Linear(self.rank, self.n_kv * (self.qk_dim - self.p2), bias=bool(bias.get("k")))
+        self.v_up = nn.Linear(self.rank, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
+        self.decode_fast_path = False
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        idx = self.rope_index(cos.device)  # (n_kv, 2p)
+        cos_k = cos[:, :, idx].transpose(1, 2).to(hidden_states.dtype)  # (B, n_kv, T, 2p)
+        sin_k = sin[:, :, idx].transpose(1, 2).to(hidden_states.dtype)
+        q = self.q_proj(hidden_states).view(B, T, self.n_q, self.qk_dim).transpose(1, 2)
+        qr, qn = q[..., : self.p2], q[..., self.p2:]
+        cq, sq = cos_k.repeat_interleave(self.n_rep, 1), sin_k.repeat_interleave(self.n_rep, 1)
+        q = torch.cat([qr * cq + rotate_half(qr) * sq, qn], -1)
+        kr = self.k_rope(hidden_states).view(B, T, self.n_kv, self.p2).transpose(1, 2)
+        kr = kr * cos_k + rotate_half(kr) * sin_k
+        c = self.kv_down(hidden_states)[:, None]  # (B, 1, T, rank)
+        if past_key_values is not None:
+            kr, c = past_key_values.update(kr, c, self.layer_idx)
+        S = c.shape[2]
+        kn = self.k_up(c[:, 0]).view(B, S, self.n_kv, self.qk_dim - self.p2).transpose(1, 2)
+        v = self.v_up(c[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
+        k = torch.cat([kr, kn], -1)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
+        kwargs.pop("sliding_window", None)
+        out, weights = attention_interface(self, q, k, v, attention_mask,
+                                           dropout=0.0 if not self.training else self.attention_dropout,
+                                           scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(B, T, self.n_q * self.v_dim).contiguous()), weights
+
+
 def make_attention(text_config, spec: dict, layer_idx: int) -> nn.Module:
     """The attention module a per-layer spec describes."""
     if spec.get("kind", "heads") == "palu":
         return LatentAttention(text_config, spec, layer_idx)
+    if spec.get("kind", "heads") == "mla":
+        return MLAAttention(text_config, spec, layer_idx)
     return ReducedAttention(text_config, spec, layer_idx)
 
 
@@ -366,5 +430,10 @@ class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
     def kv_cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
         """Bytes of KV cache per token: sum over layers of kv_heads * (qk_dim + v_dim) * element size."""
         b = dtype_bytes or next(self.parameters()).element_size()
-        return sum(a["rank_k"] + a["rank_v"] if a.get("kind") == "palu" else a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])
-                   for a in self.config.attn_layers) * b
+        def entries(a):
+            if a.get("kind") == "palu":
+                return a["rank_k"] + a["rank_v"]
+            if a.get("kind") == "mla":
+                return a["n_kv_heads"] * 2 * len(a["rope_pairs"][0]) + a["rank"]
+            return a["n_kv_heads"] * (a["qk_dim"] + a["v_dim"])
+        return sum(entries(a) for a in self.config.attn_layers) * b

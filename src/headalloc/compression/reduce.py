@@ -147,6 +147,8 @@ def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: 
                          f"narrow the value width or remove heads instead (the strategies do this for this family)")
     if lp.kind == "palu":
         return reduce_latent(w, M, lp, g, layer_idx, cache)
+    if lp.kind == "mla":
+        return reduce_mla(w, M, lp, g, layer_idx, cache)
     if lp.empty:  # no attention in this layer
         z = w.q.new_zeros(0, w.q.shape[1]).float().cpu()
         return (HeadSpec(0, 0, lp.qk_dim, lp.v_dim, [], w.scale, {}, False),
@@ -245,7 +247,67 @@ def reduce_latent(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g:
     return spec, red
 
 
+@torch.no_grad()
+def reduce_mla(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
+               cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
+    """MHA2MLA-style layer: per kv head the `rope_keep` rotary pairs of highest logit energy (pair_importance,
+    the data-aware counterpart of MHA2MLA's 2-norm ranking) keep their rotation; the other key coordinates lose
+    it and, with the values, are factorised jointly (whitened truncated SVD of [W_K,nope; W_V]) into a rank-r
+    latent. Exact when every pair is kept and r is full; dropping rotation changes the function, which the
+    distillation then fits (MHA2MLA fine-tunes)."""
+    hd, half = g.head_dim, g.head_dim // 2
+    p = int(lp.rope_keep or 0)
+    if lp.keep_kv is not None or lp.keep_rep is not None or (lp.qk_dim, lp.v_dim) != (hd, hd):
+        raise ValueError(f"layer {layer_idx}: an mla layer keeps every head at full width")
+    if not 1 <= p <= half:
+        raise ValueError(f"layer {layer_idx}: rope_keep must be in [1, {half}]; got {lp.rope_keep}")
+    nope = g.n_kv * (hd - 2 * p)
+    if lp.rank is None or not 1 <= int(lp.rank) <= nope + g.n_kv * hd:
+        raise ValueError(f"layer {layer_idx}: rank must be in [1, {nope + g.n_kv * hd}]; got {lp.rank}")
+    if w.q_norm is not None:
+        raise ValueError(f"layer {layer_idx}: mla layers cannot carry per-head q/k norms (Qwen3)")
+    imp = pair_importance(w, M, g)
+    pairs = [sorted(torch.topk(imp[kv], p).indices.tolist()) for kv in range(g.n_kv)]
+    f32 = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+    Wq, Wk = f32(w.q).view(g.n_kv, g.n_rep, hd, -1), f32(w.k).view(g.n_kv, hd, -1)
+    bq = f32(w.q_bias).view(g.n_kv, g.n_rep, hd) if w.q_bias is not None else None
+    bk = f32(w.k_bias).view(g.n_kv, hd) if w.k_bias is not None else None
+    q_rows, q_b, kr_rows, kr_b, kn_rows, kn_b = [], [], [], [], [], []
+    for kv, ps in enumerate(pairs):
+        rot = ps + [j + half for j in ps]
+        rest = [j for j in range(hd) if j not in set(rot)]
+        order = torch.tensor(rot + rest)
+        q_rows += [Wq[kv, h, order] for h in range(g.n_rep)]
+        kr_rows.append(Wk[kv, torch.tensor(rot)])
+        kn_rows.append(Wk[kv, torch.tensor(rest)] if rest else Wk.new_zeros(0, Wk.shape[-1]))
+        if bq is not None:
+            q_b += [bq[kv, h, order] for h in range(g.n_rep)]
+        if bk is not None:
+            kr_b.append(bk[kv, torch.tensor(rot)])
+            kn_b.append(bk[kv, torch.tensor(rest)] if rest else bk.new_zeros(0))
+    W_kn = torch.cat(kn_rows)
+    joint = torch.cat([W_kn, f32(w.v)])
+    C = None if M is None else M.double()[:-1, :-1]
+    up, down = whitened_low_rank(joint, C, int(lp.rank), cache if cache is not None else {})
+    spec = HeadSpec(g.n_kv, g.n_rep, hd, hd, pairs, w.scale, w.bias, False, kind="mla", rank=int(lp.rank),
+                    rope_keep=p)
+    red = AttentionWeights(q=torch.cat(q_rows), k=up[: W_kn.shape[0]].contiguous(), v=up[W_kn.shape[0]:].contiguous(),
+                           o=f32(w.o), q_bias=torch.cat(q_b) if q_b else None,
+                           k_bias=torch.cat(kn_b) if kn_b else None, v_bias=f32(w.v_bias), o_bias=f32(w.o_bias),
+                           scale=w.scale, kv_down=down, k_rope=torch.cat(kr_rows),
+                           k_rope_bias=torch.cat(kr_b) if kr_b else None)
+    return spec, red
+
+
 def _state(w: AttentionWeights) -> dict:
+    if w.kv_down is not None:  # MHA2MLA-style
+        sd = {"q_proj.weight": w.q, "k_rope.weight": w.k_rope, "kv_down.weight": w.kv_down, "k_up.weight": w.k,
+              "v_up.weight": w.v, "o_proj.weight": w.o}
+        for name, t in (("q_proj.bias", w.q_bias), ("k_rope.bias", w.k_rope_bias), ("k_up.bias", w.k_bias),
+                        ("v_up.bias", w.v_bias), ("o_proj.bias", w.o_bias)):
+            if t is not None:
+                sd[name] = t
+        return sd
     if w.q.numel() == 0:  # a layer without attention has no weights
         return {}
     if w.k_down is not None:  # latent keys and values

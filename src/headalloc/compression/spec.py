@@ -30,6 +30,10 @@ class HeadSpec:
     kind: str = "heads"
     rank_k: int = 0
     rank_v: int = 0
+    # "mla" (MHA2MLA-style): rope_keep rotary pairs per kv head keep their rotation (cached as keys), the
+    # rest of the key and the whole value come from one joint latent of rank `rank` (cached)
+    rank: int = 0
+    rope_keep: int = 0
 
     @property
     def n_heads(self) -> int:
@@ -42,6 +46,9 @@ class HeadSpec:
         if self.kind == "palu":
             weights = hidden * nq * k + (hidden + g * k) * self.rank_k + (hidden + g * v) * self.rank_v \
                 + nq * v * hidden
+        if self.kind == "mla":
+            kr = 2 * self.rope_keep
+            weights = hidden * nq * k + hidden * g * kr + (hidden + g * (k - kr) + g * v) * self.rank + nq * v * hidden
         b = self.bias or {}
         biases = (nq * k if b.get("q") else 0) + (g * k if b.get("k") else 0) + (g * v if b.get("v") else 0) \
             + (hidden if b.get("o") else 0)
@@ -51,12 +58,16 @@ class HeadSpec:
         """KV-cache entries per token (multiply by the element size for bytes)."""
         if self.kind == "palu":
             return self.rank_k + self.rank_v
+        if self.kind == "mla":
+            return self.n_kv_heads * 2 * self.rope_keep + self.rank
         return self.n_kv_heads * (self.qk_dim + self.v_dim)
 
     def context_flops(self) -> int:
         """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head (palu: plus
         rebuilding every cached key and value from its latent at each step)."""
         rebuild = 2 * self.n_kv_heads * (self.rank_k * self.qk_dim + self.rank_v * self.v_dim) if self.kind == "palu" else 0
+        if self.kind == "mla":
+            rebuild = 2 * self.rank * self.n_kv_heads * (self.qk_dim - 2 * self.rope_keep + self.v_dim)
         return 2 * self.n_heads * (self.qk_dim + self.v_dim) + rebuild
 
     def cost(self, hidden: int, kind: str) -> int:
@@ -86,6 +97,8 @@ class LayerPlan:
     kind: str = "heads"  # "palu": every head kept, keys and values through latents of rank_k / rank_v
     rank_k: int | None = None
     rank_v: int | None = None
+    rank: int | None = None  # "mla": joint latent rank, and rotary pairs kept per kv head
+    rope_keep: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -99,6 +112,9 @@ class LayerPlan:
         if self.kind == "palu":
             return HeadSpec(n_kv, n_rep, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm, kind="palu",
                             rank_k=int(self.rank_k), rank_v=int(self.rank_v))
+        if self.kind == "mla":
+            return HeadSpec(n_kv, n_rep, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm, kind="mla",
+                            rank=int(self.rank), rope_keep=int(self.rope_keep))
         g = n_kv if self.keep_kv is None else len(self.keep_kv)
         r = n_rep if self.keep_rep is None else len(self.keep_rep[0])
         return HeadSpec(g, r, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm)
@@ -108,7 +124,8 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
-        return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep", "rank_k", "rank_v")},
+        return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep", "rank_k", "rank_v", "rank",
+                                            "rope_keep")},
                    kind=d.get("kind") or "heads")
 
 

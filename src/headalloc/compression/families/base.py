@@ -44,6 +44,11 @@ class AttentionWeights:
     # projections (g*hd, rank) and these the down projections (rank, hidden)
     k_down: torch.Tensor | None = None
     v_down: torch.Tensor | None = None
+    # MHA2MLA-style layers: k_rope (g*2p, hidden) rotated keys; kv_down (rank, hidden) the joint latent;
+    # then `k` holds the up projection of the non-rotary key part (g*(hd-2p), rank) and `v` the value's
+    kv_down: torch.Tensor | None = None
+    k_rope: torch.Tensor | None = None
+    k_rope_bias: torch.Tensor | None = None
 
     @property
     def bias(self) -> dict[str, bool]:
