@@ -33,7 +33,17 @@ def _calibrated(family="llama-bias", seed=0):
     return m, collect(m, torch.randint(0, 300, (3, 20)))
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+HEAD_STRATEGIES = ["uniform", "depth", "prune-heads", "measured"]
+
+
+def test_strategies_without_a_llamacpp_form_refuse_the_target():
+    m, data = _calibrated()
+    for s in set(STRATEGIES) - set(HEAD_STRATEGIES):  # latent keys/values (peers): no GGUF counterpart
+        with pytest.raises(ValueError, match="llamacpp"):
+            make_plan(m, s, 0.5, data, "kv", target="llamacpp")
+
+
+@pytest.mark.parametrize("strategy", HEAD_STRATEGIES)
 @pytest.mark.parametrize("kind", ["kv", "params"])
 def test_every_strategy_under_the_llamacpp_target_only_chooses_head_counts(strategy, kind):
     m, data = _calibrated()

@@ -94,3 +94,52 @@ def test_seqmodel_saturation_matches_separate_windows_and_eigvalsh():
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="windows must be"):
         seqmodel_saturation(m, x[:, :8], lengths)
+
+
+def test_both_readings_against_the_dense_jacobian_and_sinks_removed():
+    """Row reading = spectral norm of diag(p) - pp^T (eigvalsh); column reading = column norms of the same
+    matrix; dropping a key renormalises the rest."""
+    import torch
+
+    from headalloc.theory.saturation import softmax_jacobian_columns, softmax_jacobian_norm, without_keys
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(5, 7, dtype=torch.float64) * 3, -1)
+    J = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    cols = J.norm(dim=1)  # ||J e_l|| for each key l
+    mean, mx = softmax_jacobian_columns(p)
+    torch.testing.assert_close(mean, cols.mean(-1))
+    torch.testing.assert_close(mx, cols.amax(-1))
+    torch.testing.assert_close(softmax_jacobian_norm(p), torch.linalg.eigvalsh(J)[:, -1])
+    drop = torch.zeros(7, dtype=torch.bool)
+    drop[0] = True
+    q = without_keys(p, drop)
+    torch.testing.assert_close(q[:, 1:], p[:, 1:] / p[:, 1:].sum(-1, keepdim=True))
+    assert (q[:, 0] == 0).all()
+    assert bool((mean <= 2 ** 0.5 / 7 + 1e-12).all())  # the column average is at most sqrt(2)/L for any p
+
+
+def test_readings_probe_rows_and_sinks_on_a_tiny_causal_model():
+    """The last-row reading at L equals the readings of the model's own attention row L-1 computed densely."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headalloc.probe.saturation import measure_saturation_readings
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                     attn_implementation="eager")).eval()
+    w = torch.randint(0, 50, (2, 16))
+    r = measure_saturation_readings(m, None, w, [8, 16], progress=False)
+    with torch.no_grad():
+        att = m(w, output_attentions=True).attentions[0].double()  # (B, H, T, T)
+    p = att[:, :, 15, :16]
+    J = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    want = torch.linalg.eigvalsh(J)[..., -1].mean()
+    assert r["readings"]["row|last|with"]["per_layer"][1][0] == pytest.approx(float(want), rel=1e-6)
+    q = p[..., 1:] / p[..., 1:].sum(-1, keepdim=True)
+    Jq = torch.diag_embed(q) - q[..., :, None] * q[..., None, :]
+    want_cols = Jq.norm(dim=-2).mean(-1).mean()
+    assert r["readings"]["col_mean|last|without"]["per_layer"][1][0] == pytest.approx(float(want_cols),
+                                                                                       rel=1e-6)

@@ -94,6 +94,10 @@ def model_card(record: dict) -> str:
         for i, lp in enumerate(plan["layers"]):
             kv = "all" if lp.get("keep_kv") is None else (str(lp["keep_kv"]) if lp["keep_kv"] else "none: no attention")
             rep = "all" if lp.get("keep_rep") is None else str(lp["keep_rep"])
+            if lp.get("kind") == "palu":
+                kv += f" (latent keys rank {lp['rank_k']}, values rank {lp['rank_v']})"
+            elif lp.get("kind") == "mla":
+                kv += f" (MLA: {lp['rope_keep']} rotary pairs per kv head + joint latent rank {lp['rank']})"
             lines.append(f"| {i} | {kv} | {rep} | {lp['qk_dim']} | {lp['v_dim']} |")
         lines.append("")
     if plan.get("target") == "llamacpp":

@@ -261,7 +261,7 @@ def measure_saturation_readings(model, tokenizer, windows: torch.Tensor, lengths
         K = p.shape[-1]
         sink = torch.zeros(K, dtype=torch.bool)
         sink[0] = True
-        for tag, q in (("with", p), ("without", without_keys(p[:, :, 1:], sink[None, None, None]))):
+        for tag, q in (("with", p), ("without", without_keys(p, sink))):  # row 0 (only the sink) is skipped below
             r = _readings(q)  # each (B, H, rows)
             start = 1  # row 0 has one key (or none without the sink)
             for i, L in enumerate(lengths):
