@@ -97,7 +97,7 @@ def _check_target(target: Target, name: str) -> None:
         raise ValueError(f"{name}: latent keys and values have no counterpart in {target.name}; use --target any")
 
 
-@strategy("palu")
+@strategy("palu", latent=True)
 def palu_plan(model, budget: float, kind: str = "kv", step: int = 8, calibration: Calibration | None = None,
               progress: bool = False, target: Target = TARGETS["any"]):
     """Peer (Palu-style): low-rank latent keys and values, ranks per layer by Fisher information."""
@@ -120,7 +120,7 @@ def palu_plan(model, budget: float, kind: str = "kv", step: int = 8, calibration
     return _latent_plan(g, ranks), {"fisher_k_v": fisher.tolist(), "ranks": ranks.tolist()}
 
 
-@strategy("measured-latent")
+@strategy("measured-latent", latent=True)
 def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                          calibration: Calibration | None = None, progress: bool = False,
                          target: Target = TARGETS["any"]):
@@ -164,7 +164,7 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
 MLA_PAIRS = 4  # MHA2MLA's partial RoPE: r = 4 kept frequency pairs per head
 
 
-@strategy("mha2mla")
+@strategy("mha2mla", latent=True)
 def mha2mla_plan(model, budget: float, kind: str = "kv", step: int = 8, calibration: Calibration | None = None,
                  progress: bool = False, target: Target = TARGETS["any"]):
     """Peer (MHA2MLA-style): partial RoPE + a joint key/value latent, the same in every layer."""

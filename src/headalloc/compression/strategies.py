@@ -48,15 +48,18 @@ class Strategy:
     fn: Callable  # (model, budget, kind, step, calibration, progress, target) -> (list[LayerPlan], info)
     needs_calibration: bool
     description: str
+    latent: bool = False  # keys/values through latents (the peers' parameterisation); KV-budget comparisons
+
+
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, needs_calibration: bool = True):
+def strategy(name: str, needs_calibration: bool = True, latent: bool = False):
     """Register a plan function under `name` (its docstring's first line is its description)."""
     def deco(fn):
-        STRATEGIES[name] = Strategy(name, fn, needs_calibration, (fn.__doc__ or "").strip().splitlines()[0])
+        STRATEGIES[name] = Strategy(name, fn, needs_calibration, (fn.__doc__ or "").strip().splitlines()[0], latent)
         return fn
     return deco
 

@@ -24,7 +24,7 @@ def compute(ctx: RunContext) -> dict:
     from headalloc.io import atomic_write_json, read_json
 
     s = SETTINGS[ctx.scale]
-    strats = list(STRATEGIES)
+    strats = [k for k, v in STRATEGIES.items() if not v.latent]  # the peers are compared by bench_compress --budget-kind kv
     teacher, tok = load_model("smollm2")
     cfg0 = preset(s["preset"], seed=ctx.seed)
     ev = eval_windows(tok, cfg0)
