@@ -431,6 +431,9 @@ def check_gguf(model: str | os.PathLike, gguf_path: str | os.PathLike, prompt: s
 
     if new_tokens < 1:
         raise ValueError(f"--new-tokens must be >= 1; got {new_tokens}")
+    if not Path(gguf_path).is_file():
+        raise FileNotFoundError(f"{gguf_path} does not exist; write it with `headalloc export-gguf`")
+    require_engine()
     m, tok = load_model(model, causal=True, dtype=torch.float32)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
