@@ -20,7 +20,7 @@ from headalloc.compression.calibration import collect
 from headalloc.compression.llamacpp import check_exportable, export_gguf
 from headalloc.compression.reduce import Geometry, compress_model
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
-from headalloc.compression.strategies import STRATEGIES, head_removal_error, layer_error, make_plan
+from headalloc.compression.strategies import STRATEGIES, head_removal_error, make_plan
 
 ENGINE = importlib.util.find_spec("llama_cpp") is not None
 needs_engine = pytest.mark.skipif(not ENGINE, reason="llama-cpp-python is not installed "

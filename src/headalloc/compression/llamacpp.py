@@ -237,7 +237,7 @@ def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer_d
         folder = Path(tokenizer_dir)
     specs = check_exportable(model)
     tc = _text_config(model)
-    L, hidden, hd = tc.num_hidden_layers, tc.hidden_size, specs and None
+    L, hidden = tc.num_hidden_layers, tc.hidden_size
     from headalloc.compression.modeling_headalloc import full_head_dim
 
     hd = full_head_dim(tc)

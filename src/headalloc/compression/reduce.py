@@ -22,8 +22,7 @@ import torch
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import AttentionWeights, adapter_for
-from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, LatentAttention,
-                                                     make_attention)
+from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, make_attention)
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 
 

@@ -19,8 +19,10 @@ e.g. llama.cpp) every strategy chooses head counts instead of widths: uniform ke
 (kv heads, query heads per kv head) in every layer, heads ranked by the weights' own energy
 ||W_O^h W_V^g||; depth lets the number of kv heads fall linearly with depth; prune-heads ranks heads
 by output energy on calibration text; measured ranks them by the measured loss increase of removing
-each one, the same estimator as for widths; both knapsacks may also remove a layer's attention. Add a strategy with `@strategy("name")`; the CLI's choices, the
-experiments and the benchmark read `STRATEGIES`.
+each one, the same estimator as for widths; both knapsacks may also remove a layer's attention.
+The peers' latent parameterisations (palu, mha2mla, measured-latent) live in `latent.py`.
+Add a strategy with `@strategy("name")`; the CLI's choices, the experiments and the benchmark read
+`STRATEGIES`.
 """
 
 from __future__ import annotations
