@@ -34,7 +34,7 @@ from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
 from headalloc.compression.reduce import Geometry, reduce_layer
 from headalloc.compression.spec import LayerPlan
-from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, grid, knapsack, layer_error,
+from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, choose, grid, layer_error,
                                               strategy)
 
 
@@ -154,11 +154,8 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                 labs.append(lp)
         options.append(opts)
         labels.append(labs)
-    _, cap = _capacity(g, budget, kind)
-    picks = knapsack(options, cap)
-    plan = [labels[l][j] for l, j in enumerate(picks)]
-    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan],
-                  "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
+    plan, predicted = choose(g, options, labels, budget, kind)
+    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], "predicted_error": predicted}
 
 
 MLA_PAIRS = 4  # MHA2MLA's partial RoPE: r = 4 kept frequency pairs per head

@@ -77,10 +77,6 @@ def _permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _text_config(model):
-    return model.config.text_config if getattr(model.config, "model_type", None) == "headalloc" else model.config
-
-
 def _attention(model, l: int):
     """(spec dict, q, k, v, o, {bias name: tensor}) of layer l, for a compressed or an original model."""
     from headalloc.compression.families import adapter_for
@@ -106,7 +102,7 @@ def check_exportable(model) -> list[dict]:
     saying why."""
     from headalloc.compression.modeling_headalloc import full_head_dim
 
-    tc = _text_config(model)
+    tc = model.config.get_text_config()
     family = getattr(tc, "model_type", None)
     if family not in FAMILIES:
         why = (" (its per-head q/k normalisation has no counterpart in llama.cpp's deci architecture)"
@@ -131,7 +127,7 @@ def check_exportable(model) -> list[dict]:
 
 def _rope(model) -> tuple[float, dict]:
     """(rope theta, extra GGUF keys/tensors) for the model's rotary scaling."""
-    tc = _text_config(model)
+    tc = model.config.get_text_config()
     params = dict(getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {})
     theta = float(params.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
@@ -236,7 +232,7 @@ def export_gguf(model, out: str | os.PathLike, outtype: str = "f32", tokenizer_d
             raise ValueError("give tokenizer_dir (a folder with the model's tokenizer.json) with a loaded model")
         folder = Path(tokenizer_dir)
     specs = check_exportable(model)
-    tc = _text_config(model)
+    tc = model.config.get_text_config()
     L, hidden = tc.num_hidden_layers, tc.hidden_size
     from headalloc.compression.modeling_headalloc import full_head_dim
 

@@ -205,8 +205,6 @@ class ReducedAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         if T == 1 and attention_mask is None and not self.training and self.decode_fast_path:
             return self._decode_one(q, k, v, B), None
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
         # Fused SDPA kernels need equal query/key and value widths; with unequal widths PyTorch falls
         # back to a math kernel that is several times slower. Zero-padding the narrower side to the
         # wider one changes no logit (scale is explicit) and no output (padded value columns are cut).
@@ -215,6 +213,14 @@ class ReducedAttention(nn.Module):
             q, k = nn.functional.pad(q, (0, d - self.qk_dim)), nn.functional.pad(k, (0, d - self.qk_dim))
         elif self.v_dim < d:
             v = nn.functional.pad(v, (0, d - self.v_dim))
+        return self._attend(q, k, v, attention_mask, kwargs)
+
+    def _attend(self, q, k, v, attention_mask, kwargs):
+        """The registered attention implementation on rotated q (B, n_q, T, .), k and v (B, n_kv, S, .), then
+        the output projection (value columns past v_dim are padding and are cut)."""
+        B, T = q.shape[0], q.shape[2]
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
         kwargs.pop("sliding_window", None)
         out, weights = attention_interface(self, q, k, v, attention_mask,
                                            dropout=0.0 if not self.training else self.attention_dropout,
@@ -280,13 +286,7 @@ class LatentAttention(ReducedAttention):
             pos = (torch.arange(S, device=k.device) + (seen - S))[None].expand(B, S)  # a sliding cache keeps the last S
             cos, sin = self._rotary(k, pos)
         k = k * cos[:, None].to(k.dtype) + rotate_half(k) * sin[:, None].to(k.dtype)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
-        kwargs.pop("sliding_window", None)
-        out, weights = attention_interface(self, q, k, v, attention_mask,
-                                           dropout=0.0 if not self.training else self.attention_dropout,
-                                           scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        return self.o_proj(out.reshape(B, T, self.n_q * self.v_dim).contiguous()), weights
+        return self._attend(q, k, v, attention_mask, kwargs)
 
 
 class MLAAttention(ReducedAttention):
@@ -296,9 +296,8 @@ class MLAAttention(ReducedAttention):
 
     def __init__(self, text_config, spec: dict, layer_idx: int):
         pairs = [list(p) for p in spec["rope_pairs"]]
-        super().__init__(text_config, {**spec, "kind": "heads", "qk_dim": spec["qk_dim"],
-                                       "rope_pairs": [list(range(full_head_dim(text_config) // 2))] * spec["n_kv_heads"]},
-                         layer_idx)
+        every_pair = [list(range(full_head_dim(text_config) // 2))] * spec["n_kv_heads"]
+        super().__init__(text_config, {**spec, "kind": "heads", "rope_pairs": every_pair}, layer_idx)
         self.spec = spec
         self._rope_pairs = pairs
         self.p2 = 2 * len(pairs[0])  # rotated coordinates per kv head
@@ -332,13 +331,7 @@ class MLAAttention(ReducedAttention):
         kn = self.k_up(c[:, 0]).view(B, S, self.n_kv, self.qk_dim - self.p2).transpose(1, 2)
         v = self.v_up(c[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
         k = torch.cat([kr, kn], -1)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            getattr(self.config, "_attn_implementation", None) or "sdpa", _eager_attention)
-        kwargs.pop("sliding_window", None)
-        out, weights = attention_interface(self, q, k, v, attention_mask,
-                                           dropout=0.0 if not self.training else self.attention_dropout,
-                                           scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        return self.o_proj(out.reshape(B, T, self.n_q * self.v_dim).contiguous()), weights
+        return self._attend(q, k, v, attention_mask, kwargs)
 
 
 def make_attention(text_config, spec: dict, layer_idx: int) -> nn.Module:

@@ -108,6 +108,15 @@ def knapsack(options: list[list[tuple[int, float]]], capacity: int) -> list[int]
     return picks[::-1]
 
 
+def choose(g: "Geometry", options: list[list[tuple[int, float]]], labels: list[list[LayerPlan]], budget: float,
+           kind: str) -> tuple[list[LayerPlan], float]:
+    """One candidate per layer (options: (cost, estimated error), labels: their plans) by the exact knapsack
+    under the budget; returns the plan and its predicted error."""
+    _, cap = _capacity(g, budget, kind)
+    picks = knapsack(options, cap)
+    return [labels[l][j] for l, j in enumerate(picks)], float(sum(options[l][j][1] for l, j in enumerate(picks)))
+
+
 def grid(hd: int, step: int) -> list[int]:
     if step < 2 or step % 2 or step > hd:
         raise ValueError(f"width step must be even and in [2, {hd}] (the head dim); got {step}")
@@ -384,9 +393,8 @@ def prune_plan(model, budget: float, kind: str = "params", step: int = 8, calibr
     g = Geometry.of(model)
     options, plans, energy = _measure_pruning(model, _with_grads(model, calibration, progress), kind, progress,
                                               empty=target.propose_empty, empty_from=int(target.first_layer_attention))
-    _, cap = _capacity(g, budget, kind)
-    picks = knapsack(options, cap)
-    return [plans[l][j] for l, j in enumerate(picks)], {"head_energy": [e.tolist() for e in energy]}
+    plan, _ = choose(g, options, plans, budget, kind)
+    return plan, {"head_energy": [e.tolist() for e in energy]}
 
 
 def _with_grads(model, cal: Calibration, progress: bool) -> Calibration:
@@ -405,12 +413,10 @@ def measured_plan(model, budget: float, kind: str = "params", step: int = 8, cal
         options, plans, score = _measure_pruning(model, cal, kind, progress, rank="measured",
                                                  empty=target.propose_empty,
                                                  empty_from=int(target.first_layer_attention))
-        _, cap = _capacity(g, budget, kind)
-        picks = knapsack(options, cap)
-        plan = [plans[l][j] for l, j in enumerate(picks)]
+        plan, predicted = choose(g, options, plans, budget, kind)
         return plan, {"head_removal_error": [e.tolist() for e in score],
                       "layers_without_attention": [l for l, lp in enumerate(plan) if lp.empty],
-                      "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
+                      "predicted_error": predicted}
     dims = grid(g.head_dim, step)
     key = ("width_errors", tuple(dims))
     if key not in cal.cache:  # the measurement does not depend on the budget
@@ -439,12 +445,10 @@ def _measured_choice(g: Geometry, dims, e_qk, e_v, budget, kind, extra=None):
                     labs.append(lp)
         options.append(opts)
         labels.append(labs)
-    _, cap = _capacity(g, budget, kind)
-    picks = knapsack(options, cap)
-    plan = [labels[l][j] for l, j in enumerate(picks)]
+    plan, predicted = choose(g, options, labels, budget, kind)
     return plan, {"grid": dims, "err_qk": np.where(np.isfinite(e_qk), e_qk, -1).tolist(), "err_v": e_v.tolist(),
                   "layers_with_heads_removed": [l for l, lp in enumerate(plan) if lp.keep_kv is not None],
-                  "predicted_error": float(sum(options[l][j][1] for l, j in enumerate(picks)))}
+                  "predicted_error": predicted}
 
 
 def make_plan(model, strategy_name: str, budget: float, calibration: Calibration | None = None, kind: str = "params",
