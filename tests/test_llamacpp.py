@@ -176,6 +176,10 @@ def test_export_gguf_cli(tmp_path, capsys):
     out = tmp_path / "phi3.gguf"
     assert main(["export-gguf", str(folder), str(out), "--outtype", "q8_0"]) == 0
     assert out.stat().st_size > 0
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal file, not the private temporary's mode
     assert main(["export-gguf", str(folder), str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export-gguf", str(tmp_path / "missing"), str(tmp_path / "y.gguf")]) == 2

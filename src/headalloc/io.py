@@ -178,6 +178,9 @@ def atomic_file(path: str | os.PathLike, replace: bool = False):
         raise FileExistsError(f"{path} exists; refusing to replace it")
     try:
         yield Path(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # a normal file's permissions (the temporary was private)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
