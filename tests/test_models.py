@@ -133,3 +133,33 @@ def test_relative_position_bias_equals_explicit_per_head_softmax(kind, dot):
     torch.testing.assert_close(layer(x), ref)
     with pytest.raises(ValueError, match="rel_bias must be"):
         GroupedAttention(12, [(2, 4)], rel_bias="t5")
+
+
+@pytest.mark.parametrize("causal,rel_bias", [(False, None), (True, None), (True, "linear"), (False, "log")])
+def test_last_only_is_the_last_row_of_the_hand_written_attention(causal, rel_bias):
+    """`last_only` (used for the classification-token readout) gives the last row of the full layer, which is
+    checked against the per-head reference (padding masks included)."""
+    torch.manual_seed(1)
+    layer = GroupedAttention(24, [(2, 8, 8), (3, 4, 6)], causal=causal, rel_bias=rel_bias).double()
+    x = torch.randn(3, 9, 24, dtype=torch.float64)
+    full = layer(x)
+    if rel_bias is None:
+        torch.testing.assert_close(full, reference_attention(layer, x))
+    torch.testing.assert_close(layer(x, last_only=True), full[:, -1:])
+    pad = torch.ones(3, 9, dtype=torch.bool)
+    pad[0, 2:5] = False
+    torch.testing.assert_close(layer(x, pad, last_only=True), layer(x, pad)[:, -1:])
+
+
+def test_cls_model_reads_the_same_output_as_all_rows():
+    """A classification-token SeqModel computes only the read row in its last layer: the same output as the
+    full forward pass (every row computed, the last one read)."""
+    torch.manual_seed(2)
+    cfg = SeqModelConfig(input_dim=4, output_dim=1, d_model=16, layers=[[(2, 4, 4)], [(4, 4, 4)]],
+                         positions="none", residual=True, cls_token=True, input_mlp_hidden=8, readout_hidden=8)
+    m = SeqModel(cfg).double()
+    x = torch.randn(5, 12, 4, dtype=torch.float64)
+    h = torch.cat([m.embed(x), m.cls.expand(5, 1, -1)], 1)
+    for block in m.blocks:
+        h = block(h)
+    torch.testing.assert_close(m(x), m.readout(m.norm_f(h)[:, -1]))

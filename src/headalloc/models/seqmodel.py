@@ -75,8 +75,10 @@ class Block(nn.Module):
             self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_hidden), nn.GELU(),
                                      nn.Linear(cfg.ffn_hidden, cfg.d_model))
 
-    def forward(self, x: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
-        a = self.attn(self.norm1(x), key_padding_mask)
+    def forward(self, x: torch.Tensor, key_padding_mask=None, last_only: bool = False) -> torch.Tensor:
+        a = self.attn(self.norm1(x), key_padding_mask, last_only=last_only)
+        if last_only:
+            x = x[:, -1:]
         x = x + a if self.cfg.residual else a
         if self.ffn is not None:
             f = self.ffn(self.norm2(x))
@@ -127,8 +129,12 @@ class SeqModel(nn.Module):
             h = torch.cat([h, self.cls.expand(h.shape[0], 1, -1)], dim=1)
             if key_padding_mask is not None:
                 key_padding_mask = torch.cat([key_padding_mask, key_padding_mask.new_ones(h.shape[0], 1)], 1)
-        for block in self.blocks:
-            h = block(h, key_padding_mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            # with a classification token only its row of the last layer is read: compute that row alone
+            only = (i == last and self.cls is not None and block.attn.score_hook is None
+                    and not block.attn.rotary)
+            h = block(h, key_padding_mask, last_only=only)
         h = self.norm_f(h)
         if self.cls is not None:
             return self.readout(h[:, -1])
