@@ -143,3 +143,40 @@ def test_readings_probe_rows_and_sinks_on_a_tiny_causal_model():
     want_cols = Jq.norm(dim=-2).mean(-1).mean()
     assert r["readings"]["col_mean|last|without"]["per_layer"][1][0] == pytest.approx(float(want_cols),
                                                                                        rel=1e-6)
+
+
+def test_readings_of_our_own_decoder_use_its_real_attention():
+    """Our SeqModel decoders (rotary, two head groups): the probe's probabilities, mixed with the layer's values
+    and output projection, give the layer's real output (so they are the attention it ran); the last-row reading
+    equals the dense eigensolver on those probabilities."""
+    import torch
+
+    from headalloc.models import SeqModel, SeqModelConfig
+    from headalloc.probe.attention import AttentionChunk, SeqModelProbe
+    from headalloc.probe.saturation import measure_saturation_readings
+
+    torch.manual_seed(0)
+    m = SeqModel(SeqModelConfig(vocab_size=40, output_dim=40, d_model=24, layers=[[(2, 8, 8), (4, 2, 2)]] * 2,
+                                positions="rotary", residual=True, layernorm=True, ffn_hidden=32, max_len=32,
+                                causal=True)).double().eval()
+    w = torch.randint(0, 40, (2, 16))
+    chunks: list[AttentionChunk] = []
+    seen = {}
+    m.blocks[1].attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    with SeqModelProbe(m, chunks.append, dtype=torch.float64), torch.no_grad():
+        m(w)
+    a = m.blocks[1].attn
+    v = a.qkv(seen["x"]).split([a.qk_total, a.qk_total, a.v_total], -1)[2]
+    mixed, vo = [], 0
+    for c in [c for c in chunks if c.layer == 1]:
+        H = c.probs.shape[1]
+        g = a.groups[[0, 2].index(c.head_start)]
+        vh = v[..., vo:vo + H * g.v_dim].view(2, 16, H, g.v_dim).transpose(1, 2)
+        mixed.append((c.probs @ vh).transpose(1, 2).reshape(2, 16, H * g.v_dim))
+        vo += H * g.v_dim
+    torch.testing.assert_close(a.out(torch.cat(mixed, -1)), seen["out"])
+    r = measure_saturation_readings(m, None, w, [8, 16], progress=False)
+    p = torch.cat([c.probs for c in chunks if c.layer == 0], 1)[:, :, 15]
+    J = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    assert r["readings"]["row|last|with"]["per_layer"][1][0] == pytest.approx(
+        float(torch.linalg.eigvalsh(J)[..., -1].mean()), rel=1e-5)

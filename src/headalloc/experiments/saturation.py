@@ -82,6 +82,29 @@ READING_SETTINGS = {
                "full": dict(lengths=[16, 32, 64, 128, 256, 512], n_windows=8)},
 }
 READINGS_CORPUS = "pydoc"  # long single documents: no Wikipedia lead reaches 512 tokens (longest 474)
+# our own decoder: lm_allocation's uniform model (6 layers of 4 heads of 32, rotary, trained on Wikipedia with
+# 128-token windows), trained here with lm_allocation's settings of the same scale; its context is 128
+OWN_DECODER_LENGTHS = {"quick": [16, 32, 64, 128], "full": [8, 16, 32, 64, 128]}
+OWN_DECODER_WINDOWS = {"quick": 8, "full": 32}
+
+
+def own_decoder(ctx: RunContext):
+    """Train (or load, when an earlier run saved it) the lm_allocation uniform decoder of this scale."""
+    from transformers import PreTrainedTokenizerFast
+
+    from headalloc.experiments.lm_allocation import configs as lm_configs
+    from headalloc.models import load_seqmodel
+    from headalloc.tasks.lm import train_tokenizer
+    from headalloc.training.runs import run_lm
+
+    save = ctx.out_dir / "own_decoder"
+    cfg = next(c for c in lm_configs(ctx.scale, save_dir=save) if c.get("save_dir"))
+    info = {"config": cfg}
+    if not (save / "config.json").is_file():
+        info["training"] = {k: v for k, v in run_lm(cfg, progress=True).items() if k != "curve"}
+    model, meta = load_seqmodel(save)
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(meta["corpus"], meta["vocab_size"]))
+    return model.eval(), tok, info
 
 
 def compute_readings(ctx: RunContext) -> dict:
@@ -93,13 +116,43 @@ def compute_readings(ctx: RunContext) -> dict:
                       "settings": {m: s[ctx.scale] for m, s in READING_SETTINGS.items()},
                       "windows": "each window from inside one document of CPython's language reference (no "
                                  "separator inside; Wikipedia has no article of 512 tokens), one per document",
-                      "not_measured": "our own trained decoders (the lm_allocation models are not kept)"},
+                      "own_decoder": "lm_allocation's uniform decoder of the same scale (context 128), windows "
+                                     "tokenised with its own Wikipedia BPE"},
            "models": {}}
+    def once(name: str, settings: dict, measure) -> None:
+        """Each model's readings are kept in their own file as soon as they are done (an interrupted full run
+        resumes at the next model); a file made with other settings is recomputed."""
+        from headalloc.io import atomic_write_json, read_json
+
+        path = ctx.out_dir / f"readings_{name}.json"
+        if path.is_file():
+            try:
+                kept = read_json(path)
+                if kept.get("settings") == settings and kept.get("seed") == ctx.seed:
+                    out["models"][name] = kept["readings"]
+                    return
+            except (ValueError, KeyError, AttributeError):
+                pass  # damaged: measure again
+        out["models"][name] = measure()
+        atomic_write_json(path, {"settings": settings, "seed": ctx.seed, "readings": out["models"][name]})
+
     for name, s in READING_SETTINGS.items():
         s = s[ctx.scale]
-        model, tok = load_model(name, attn_implementation="eager")
-        w = document_windows(tok, READINGS_CORPUS, "all", max(s["lengths"]), s["n_windows"], seed=ctx.seed)
-        out["models"][name] = measure_saturation_readings(model, tok, w, s["lengths"])
+
+        def hf(name=name, s=s):
+            model, tok = load_model(name, attn_implementation="eager")
+            w = document_windows(tok, READINGS_CORPUS, "all", max(s["lengths"]), s["n_windows"], seed=ctx.seed)
+            return measure_saturation_readings(model, tok, w, s["lengths"])
+        once(name, s, hf)
+
+    def own():
+        model, tok, info = own_decoder(ctx)
+        lengths = OWN_DECODER_LENGTHS[ctx.scale]
+        w = document_windows(tok, READINGS_CORPUS, "all", max(lengths), OWN_DECODER_WINDOWS[ctx.scale],
+                             seed=ctx.seed)
+        return {**measure_saturation_readings(model, tok, w, lengths), "decoder": info}
+    once("own_decoder", {"lengths": OWN_DECODER_LENGTHS[ctx.scale], "n_windows": OWN_DECODER_WINDOWS[ctx.scale]},
+         own)
     return out
 
 
@@ -129,5 +182,6 @@ register(Experiment(
     name="saturation_readings", title="Softmax saturation: both readings of the paper's Jacobian, with and without sinks",
     description="Per layer, against context L on long single-document windows: the row Jacobian norm "
                 "||diag(p)-pp^T||_2 and the per-key column sensitivity ||dp/dz_l|| (mean and max over keys), for the "
-                "last query row and all rows, with and without attention-sink keys; SmolLM2 and MiniLM.",
+                "last query row and all rows, with and without attention-sink keys; SmolLM2, MiniLM and our own "
+                "trained decoder.",
     compute=compute_readings, plot=plot_readings, table=table_readings, order=32, tags=("saturation",)))

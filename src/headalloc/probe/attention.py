@@ -141,3 +141,39 @@ def capture_attentions(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     with AttentionProbe(model, keep, rows=rows), torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention_mask)
     return [torch.cat(store[i], dim=1) for i in sorted(store)]
+
+
+class SeqModelProbe:
+    """The same reports as `AttentionProbe` for our own `SeqModel` decoders: every `GroupedAttention` layer's
+    queries and keys (positions applied) are read through its `score_hook`, and softmax(q.k / sqrt(d) + the
+    head's relative bias + the causal mask) is handed to `callback` per layer and head group. Padding masks are
+    not supported (the probe is for whole windows)."""
+
+    def __init__(self, model, callback: Callable[[AttentionChunk], None], dtype: torch.dtype = torch.float32):
+        self.model, self.callback, self.dtype = model, callback, dtype
+        self.layers = [b.attn for b in model.blocks]
+
+    def __enter__(self) -> "SeqModelProbe":
+        from headalloc.models.attention import relative_bias
+
+        for li, a in enumerate(self.layers):
+            offsets = [0]
+            for g in a.groups:
+                offsets.append(offsets[-1] + g.n_heads)
+
+            def hook(gi: int, q: torch.Tensor, k: torch.Tensor, li=li, a=a, offsets=offsets) -> None:
+                T = q.shape[2]
+                logits = (q.to(self.dtype) @ k.to(self.dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+                if a.rel_bias is not None:
+                    logits = logits + relative_bias(a.slopes[gi], T, a.rel_bias).to(self.dtype)[None]
+                if a.causal:
+                    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(),
+                                                float("-inf"))
+                self.callback(AttentionChunk(layer=li, head_start=offsets[gi], logits=logits,
+                                             probs=torch.softmax(logits, -1), rows=torch.arange(T), kv_group=1))
+            a.score_hook = hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for a in self.layers:
+            a.score_hook = None

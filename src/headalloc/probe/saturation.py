@@ -22,11 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from headalloc.assets.corpus import Corpus, load_corpus, token_windows
-from headalloc.probe.attention import AttentionChunk, AttentionProbe
+from headalloc.probe.attention import AttentionChunk, AttentionProbe, SeqModelProbe
 from headalloc.theory.saturation import softmax_jacobian_norm
 
 
+def _is_seqmodel(model) -> bool:
+    from headalloc.models import SeqModel
+
+    return isinstance(model, SeqModel)
+
+
 def is_causal_model(model) -> bool:
+    if _is_seqmodel(model):
+        return bool(model.cfg.causal)
     cfg = model.config
     return bool(getattr(cfg, "is_decoder", False)) or any(
         a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (getattr(cfg, "architectures", None) or [])
@@ -34,6 +42,8 @@ def is_causal_model(model) -> bool:
 
 
 def max_positions(model) -> int | None:
+    if _is_seqmodel(model):
+        return model.cfg.max_len
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
@@ -271,9 +281,12 @@ def measure_saturation_readings(model, tokenizer, windows: torch.Tensor, lengths
 
     t0 = time.perf_counter()
     if causal:
-        with AttentionProbe(model, cb_causal):
+        own = _is_seqmodel(model)  # our own decoders: read through the layers' score hooks
+        with (SeqModelProbe(model, cb_causal) if own else AttentionProbe(model, cb_causal)):
             for w in tqdm(windows[:, :Lmax], desc=f"saturation readings (L<={Lmax})", disable=not progress):
-                model(input_ids=w[None])
+                model(w[None]) if own else model(input_ids=w[None])
+    elif _is_seqmodel(model):
+        raise ValueError("saturation readings of our own SeqModels need a causal decoder")
     else:
         cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         for i, L in enumerate(tqdm(lengths, desc="saturation readings", disable=not progress)):
