@@ -118,7 +118,7 @@ def plot_fourgram(rec: dict, out: Path) -> list[Path]:
     from headalloc.reports.figures import plot_fourgram_curves, plot_fourgram_tradeoff
 
     return [plot_fourgram_tradeoff(rec, PAPER_FOURGRAM_VAL, out / "fourgram_tradeoff.png"),
-            plot_fourgram_curves(rec, out / "fourgram_curves.png")]
+            plot_fourgram_curves(rec, out / "fourgram_curves.png", PAPER_FOURGRAM_VAL)]
 
 
 def table_fourgram(rec: dict) -> list[dict]:

@@ -124,9 +124,9 @@ def plot_fourgram_tradeoff(rec: dict, paper: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_fourgram_curves(rec: dict, path: Path) -> Path:
+def plot_fourgram_curves(rec: dict, path: Path, paper: dict | None = None) -> Path:
     """Validation MSE against training step for every H (each seed a line), one panel per mechanism:
-    whether each run converged."""
+    whether each run converged; the paper's final validation MSE per H as a marker at the right edge."""
     series = rec.get("series") or {"measured": rec}
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
@@ -136,6 +136,10 @@ def plot_fourgram_curves(rec: dict, path: Path) -> Path:
             for j, cv in enumerate(ser["curves"][str(h)]):
                 ax.plot([c[0] for c in cv], [c[1] for c in cv], color=cmap(i / max(1, len(hs) - 1)),
                         label=f"H={h}" if j == 0 else None, lw=1)
+            if paper and h in paper:
+                last = max(c[0] for cv in ser["curves"][str(h)] for c in cv)
+                ax.plot([last], [paper[h]], marker="<", ms=7, color=cmap(i / max(1, len(hs) - 1)),
+                        label="paper, final" if i == 0 else None, ls="none", mec="k", mew=0.5)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_title(mech, fontsize=9)
