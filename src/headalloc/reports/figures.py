@@ -369,6 +369,8 @@ def plot_saturation_readings(rec: dict, path: Path) -> Path:
                 "k", lw=0.6, alpha=0.5, label="1/L guide")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(L, [str(int(x)) for x in L], fontsize=7)  # the measured lengths, no minor labels
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("context length L (keys)")
         ax.set_ylabel("mean over layers and heads")
         ax.set_title(f"{name}: slope in brackets (paper: -1)", fontsize=9)
