@@ -128,7 +128,7 @@ def plot_fourgram_curves(rec: dict, path: Path, paper: dict | None = None) -> Pa
     """Validation MSE against training step for every H (each seed a line), one panel per mechanism:
     whether each run converged; the paper's final validation MSE per H as a marker at the right edge."""
     series = rec.get("series") or {"measured": rec}
-    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4.0), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for ax, (mech, ser) in zip(axes[0], series.items()):
         hs = ser["heads_per_group"]
