@@ -196,7 +196,9 @@ def test_a_save_killed_midway_leaves_nothing_that_the_next_run_does_not_remove(t
 
     target = tmp_path / "model"
     script = "\n".join([
-        "import sys, time",
+        "import signal, sys, time",
+        # Ctrl-C's behaviour even when started from a background shell job (which ignores SIGINT)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
         "from headalloc.io import atomic_directory",
         f"with atomic_directory(r'{target}') as tmp:",
         "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)",
