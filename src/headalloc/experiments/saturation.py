@@ -100,9 +100,13 @@ def own_decoder(ctx: RunContext):
     save = ctx.out_dir / "own_decoder"
     cfg = next(c for c in lm_configs(ctx.scale, save_dir=save) if c.get("save_dir"))
     info = {"config": cfg}
-    if not (save / "config.json").is_file():
+    try:  # kept from an earlier run (it was written whole or not at all)
+        model, meta = load_seqmodel(save)
+    except (FileNotFoundError, ValueError) as e:  # absent, or damaged: train it (again)
+        if not isinstance(e, FileNotFoundError):
+            print(f"retraining our decoder: {e}", flush=True)
         info["training"] = {k: v for k, v in run_lm(cfg, progress=True).items() if k != "curve"}
-    model, meta = load_seqmodel(save)
+        model, meta = load_seqmodel(save)
     tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(meta["corpus"], meta["vocab_size"]))
     return model.eval(), tok, info
 

@@ -13,7 +13,6 @@ Per (L, layer, head): mean and median of ||J||_2, mean largest probability, mean
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -198,34 +197,25 @@ def seqmodel_saturation(model, windows: torch.Tensor, lengths: Sequence[int]) ->
     if windows.ndim != 2 or windows.shape[1] < lengths[-1]:
         raise ValueError(f"windows must be (n, >= {lengths[-1]}) token ids; got shape {tuple(windows.shape)}")
     rows = torch.tensor([L - 1 for L in lengths])
-    layers = [b.attn for b in model.blocks]
-    sums = np.zeros((len(lengths), len(layers)))
-    counts_heads = np.zeros(len(layers))
+    n_layers = len(model.blocks)
+    sums = np.zeros((len(lengths), n_layers))
+    counts_heads = np.zeros(n_layers)
 
-    def hook_for(li: int):
-        def hook(gi: int, q: torch.Tensor, k: torch.Tensor) -> None:
-            qr = q[:, :, rows].double()  # (B, H, R, d)
-            logits = qr @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-            keys = torch.arange(k.shape[2])
-            logits = logits.masked_fill(keys[None, :] > rows[:, None], -torch.inf)
-            norms = softmax_jacobian_norm(torch.softmax(logits, -1))  # (B, H, R)
-            sums[:, li] += norms.sum((0, 1)).numpy()
-            counts_heads[li] += norms.shape[0] * norms.shape[1]
-        return hook
+    def add(c: AttentionChunk) -> None:  # the layers' own attention (relative biases included), rows L-1
+        norms = softmax_jacobian_norm(c.probs[:, :, rows])  # (B, H, R)
+        sums[:, c.layer] += norms.sum((0, 1)).numpy()
+        counts_heads[c.layer] += norms.shape[0] * norms.shape[1]
 
     was_training = model.training
     model.eval()
     try:
-        for li, a in enumerate(layers):
-            a.score_hook = hook_for(li)
-        model(windows[:, :lengths[-1]])
+        with SeqModelProbe(model, add, dtype=torch.float64):
+            model(windows[:, :lengths[-1]])
     finally:
-        for a in layers:
-            a.score_hook = None
         model.train(was_training)
     norm = sums / counts_heads[None, :]
     return {"lengths": lengths, "norm_mean": norm.tolist(), "n_windows": int(windows.shape[0]),
-            "slope_per_layer": [loglog_slope(lengths, norm[:, l]) for l in range(len(layers))]}
+            "slope_per_layer": [loglog_slope(lengths, norm[:, l]) for l in range(n_layers)]}
 
 
 READINGS = ("row", "col_mean", "col_max")
@@ -284,7 +274,10 @@ def measure_saturation_readings(model, tokenizer, windows: torch.Tensor, lengths
         own = _is_seqmodel(model)  # our own decoders: read through the layers' score hooks
         with (SeqModelProbe(model, cb_causal) if own else AttentionProbe(model, cb_causal)):
             for w in tqdm(windows[:, :Lmax], desc=f"saturation readings (L<={Lmax})", disable=not progress):
-                model(w[None]) if own else model(input_ids=w[None])
+                if own:
+                    model(w[None])
+                else:
+                    model(input_ids=w[None])
     elif _is_seqmodel(model):
         raise ValueError("saturation readings of our own SeqModels need a causal decoder")
     else:
