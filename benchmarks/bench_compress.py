@@ -15,7 +15,7 @@ import time
 from headalloc.assets import load_model, token_windows
 from dataclasses import replace
 
-from headalloc.compression.pipeline import calibration, compress, eval_windows, teacher_metrics
+from headalloc.compression.pipeline import calibration, compress, eval_windows, heldout_ratios, teacher_metrics
 from headalloc.compression.settings import add_config_args, config_from_args, preset
 from headalloc.compression.strategies import STRATEGIES
 from headalloc.evaluation.lm import compare, counts
@@ -72,21 +72,21 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
         m = r.metrics
         p = m["after_distill"]["ppl"]
         mid = f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else ""
-        ho = m.get("heldout")
-        held = (f"; held-out '{ho['corpus']}' {ho['teacher']['ppl']:.2f} -> {ho['before']['ppl']:.2f} -> "
-                f"{ho['after']['ppl']:.2f} ({ho['after']['ppl'] / ho['teacher']['ppl']:.2f}x, {ho['windows']} windows "
-                f"of {ho['length']})" if ho else "")
+        held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> {h['before']['ppl']:.2f} -> {h['after']['ppl']:.2f} "
+                       f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x, {h['windows']} windows of {h['length']})"
+                       for k, h in (m.get("heldout") or {}).items())
         models[strat] = r.model
         kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
-        rows.append((strat, p / t_ppl, ho["after"]["ppl"] / ho["teacher"]["ppl"] if ho else float("nan"), kvr,
-                     m["after_distill"]["kv_bytes_per_token"]))
+        rows.append((strat, p / t_ppl, heldout_ratios(m), kvr, m["after_distill"]["kv_bytes_per_token"]))
         print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}; KV {kvr:.3f}x   "
               f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
               f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
-    print(f"\n{'strategy':15s} {'Wikipedia':>10s} {'held-out':>9s} {'KV':>7s} {'KV bytes/token':>15s}  "
-          f"({cfg.budget_kind} budget {cfg.budget}; ratios to the original)")
+    kinds = cfg.heldout_kinds
+    print(f"\n{'strategy':15s} {'Wikipedia':>10s} " + " ".join(f"{k[:12]:>12s}" for k in kinds) +
+          f" {'KV':>7s} {'KV bytes/token':>15s}  ({cfg.budget_kind} budget {cfg.budget}; ratios to the original)")
     for strat, w, h, kvr, kvb in rows:
-        print(f"{strat:15s} {w:9.2f}x {h:8.2f}x {kvr:6.3f}x {kvb:15,d}")
+        print(f"{strat:15s} {w:9.2f}x " + " ".join(f"{h.get(k, float('nan')):11.2f}x" for k in kinds) +
+              f" {kvr:6.3f}x {kvb:15,d}")
     if a.no_speed:
         return
     speed_of = list(models) if a.speed_of == "all" else [s for s in a.speed_of.split(",") if s in models]

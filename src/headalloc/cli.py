@@ -231,8 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     print(f"perplexity: original {t['ppl']:.2f}, compressed {m['before_distill']['ppl']:.2f} -> "
           f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
-    if m.get("heldout"):
-        h = m["heldout"]
+    for h in (m.get("heldout") or {}).values():
         print(f"held-out text '{h['corpus']}' (never fitted on): original {h['teacher']['ppl']:.2f}, compressed "
               f"{h['before']['ppl']:.2f} -> {h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x; "
               f"{h['windows']} windows of {h['length']})")

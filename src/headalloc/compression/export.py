@@ -81,9 +81,9 @@ def model_card(record: dict) -> str:
                   f"`{ev.get('corpus')}` (validation split, never used for fitting):", "",
                   "| | original | compressed, before distillation | compressed |", "|---|---|---|---|",
                   f"| perplexity | {t['ppl']:.2f} | {b.get('ppl', float('nan')):.2f} | {a['ppl']:.2f} |",
-                  *([f"| perplexity on held-out `{record['heldout']['corpus']}` (a kind of text never fitted on) | "
-                     f"{record['heldout']['teacher']['ppl']:.2f} | {record['heldout']['before']['ppl']:.2f} | "
-                     f"{record['heldout']['after']['ppl']:.2f} |"] if record.get("heldout") else []),
+                  *[f"| perplexity on held-out `{h['corpus']}` (a kind of text never fitted on) | "
+                    f"{h['teacher']['ppl']:.2f} | {h['before']['ppl']:.2f} | {h['after']['ppl']:.2f} |"
+                    for h in (record.get("heldout") or {}).values()],
                   f"| attention parameters | {t['params_attention']:,} | | {a['params_attention']:,} "
                   f"({a['params_attention'] / t['params_attention']:.3f}x) |",
                   f"| KV cache bytes per token | {t['kv_bytes_per_token']:,} | | {a['kv_bytes_per_token']:,} "

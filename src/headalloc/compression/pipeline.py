@@ -69,11 +69,15 @@ def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
     return _windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, cfg.seed + 1)
 
 
-def heldout_windows(tok, cfg: CompressConfig) -> torch.Tensor | None:
-    """Windows of the held-out kind of text (nothing is planned, calibrated or distilled on it)."""
-    if cfg.heldout is None:
-        return None
-    return _windows(tok, cfg.heldout, "all", cfg.eval_length, cfg.heldout_windows, cfg.seed + 3)
+def heldout_windows(tok, cfg: CompressConfig) -> dict[str, torch.Tensor]:
+    """Windows of each held-out kind of text (nothing is planned, calibrated or distilled on them)."""
+    return {k: _windows(tok, k, "all", cfg.eval_length, cfg.heldout_windows, cfg.seed + 3) for k in cfg.heldout_kinds}
+
+
+def heldout_ratios(metrics: dict) -> dict[str, float]:
+    """Final perplexity on each held-out text as a ratio to the original's."""
+    return {k: h["after"]["ppl"] / h["teacher"]["ppl"] for k, h in (metrics.get("heldout") or {}).items()
+            if "after" in h and "teacher" in h}
 
 
 def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Calibration:
@@ -170,7 +174,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         if limit is not None and getattr(cfg, name) > limit:
             raise ValueError(f"{name} {getattr(cfg, name)} exceeds the model's maximum of {limit} positions")
     ev = eval_windows(tok, cfg) if evaluate else None  # checks there is enough text before any work
-    ho = heldout_windows(tok, cfg) if evaluate else None
+    ho = heldout_windows(tok, cfg) if evaluate else {}
     fit_dtype = getattr(torch, cfg.fit_dtype)
     teacher_dtype = next(teacher.parameters()).dtype
     metrics: dict = {"base_model": base_model_name(cfg.model if not given_model else teacher),
@@ -193,9 +197,10 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     metrics["seconds_plan"] = time.time() - t0
     if evaluate:
         metrics["before_distill"] = perplexity(student, ev, progress, desc="compressed ppl (before distillation)")
-        if ho is not None:
-            metrics["heldout"] = {"corpus": cfg.heldout, "windows": cfg.heldout_windows, "length": cfg.eval_length,
-                                  "before": perplexity(student, ho, progress, desc="held-out ppl (before)")}
+        if ho:  # keyed by text: {"alice": {"corpus", "windows", "length", "before", "teacher", "after"}, ...}
+            metrics["heldout"] = {k: {"corpus": k, "windows": cfg.heldout_windows, "length": cfg.eval_length,
+                                      "before": perplexity(student, w, progress, desc=f"held-out '{k}' ppl (before)")}
+                                  for k, w in ho.items()}
     full = Geometry.of(teacher).full()
     identity = all(lp == full for lp in plan)
     t1 = time.time()
@@ -226,12 +231,12 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         _stage(progress, n, n, f"evaluation: {cfg.eval_windows} validation windows of {cfg.eval_length} tokens")
         metrics["teacher"] = teacher_metrics(teacher, ev, cal, cfg, progress)
         metrics["after_distill"] = {**perplexity(student, ev, progress, desc="compressed ppl"), **counts(student)}
-        if ho is not None:
-            hkey = ("teacher_heldout", cfg.heldout, cfg.heldout_windows, cfg.eval_length, cfg.seed)
+        for k, w in ho.items():
+            hkey = ("teacher_heldout", k, cfg.heldout_windows, cfg.eval_length, cfg.seed)
             if hkey not in cal.cache:
-                cal.cache[hkey] = perplexity(teacher, ho, progress, desc="original held-out ppl")
-            metrics["heldout"].update(teacher=cal.cache[hkey],
-                                      after=perplexity(student, ho, progress, desc="compressed held-out ppl"))
+                cal.cache[hkey] = perplexity(teacher, w, progress, desc=f"original '{k}' ppl")
+            metrics["heldout"][k].update(teacher=cal.cache[hkey],
+                                         after=perplexity(student, w, progress, desc=f"compressed '{k}' ppl"))
         metrics["evaluation"] = {"corpus": cfg.corpus, "split": "validation", "windows": cfg.eval_windows,
                                  "length": cfg.eval_length}
     metrics["seconds_total"] = time.time() - t_start

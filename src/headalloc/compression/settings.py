@@ -67,10 +67,11 @@ class CompressConfig:
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
-    heldout: str | None = _f("pydoc", "a second kind of text that nothing is fitted on, evaluated too ('pydoc': "
-                                      "CPython's language reference, long technical documents; a text or .jsonl "
-                                      "file; 'none' to skip)", "evaluation")
-    heldout_windows: int = _f(12, "windows of --heldout (length --eval-length)", "evaluation")
+    heldout: str | None = _f("alice,pydoc", "kinds of text that nothing is fitted on, evaluated too, comma-separated "
+                                            "('alice': a long narrative, Alice's Adventures in Wonderland; 'pydoc': "
+                                            "CPython's language reference, long technical documents with code; a text "
+                                            "or .jsonl file; 'none' to skip)", "evaluation")
+    heldout_windows: int = _f(12, "windows of each --heldout text (length --eval-length)", "evaluation")
     seed: int = _f(0, "seed of every random draw (windows, fitting order)", "runtime")
     # where and in what precision
     dtype: str = _f("auto", "dtype the original is loaded in ('auto': the checkpoint's)", "runtime", DTYPES)
@@ -85,8 +86,13 @@ class CompressConfig:
         return asdict(self)
 
     def __post_init__(self):
-        if isinstance(self.heldout, str) and self.heldout.lower() == "none":
+        if isinstance(self.heldout, str) and self.heldout.strip().lower() in ("none", ""):
             self.heldout = None
+
+    @property
+    def heldout_kinds(self) -> list[str]:
+        """The held-out texts, in the order given."""
+        return [k.strip() for k in self.heldout.split(",") if k.strip()] if self.heldout else []
 
     def validate(self) -> "CompressConfig":
         """Clear errors for impossible settings, before any work."""
@@ -105,8 +111,12 @@ class CompressConfig:
         for name in ("distill_lr", "kd_lr"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
-        if self.heldout is not None and self.heldout == self.corpus:
-            raise ValueError(f"heldout {self.heldout!r} is the fitting corpus; give another kind of text (or 'none')")
+        kinds = self.heldout_kinds
+        if self.corpus in kinds:
+            raise ValueError(f"heldout {self.heldout!r} includes the fitting corpus {self.corpus!r}; held-out text must be "
+                             f"a kind nothing is fitted on (drop it from --heldout, or 'none')")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"heldout {self.heldout!r} names a text twice")
         if not self.gen_temperature > 0 or self.gen_prompt < 1:
             raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
                              f"{self.gen_prompt}")

@@ -71,8 +71,10 @@ def table(rec: dict) -> list[dict]:
                                  f"budget {c['budget']}, {c['strategy']}: ppl before / after distillation",
                      "paper": "", "measured": f"{c['before']['ppl']:.2f}{mid} / {c['after']['ppl']:.2f} "
                                               f"({c['after']['ppl'] / t:.2f}x original)", "match": None})
-        if "heldout" in c:  # a second kind of text that nothing was fitted on
-            h = c["heldout"]
+        held = c.get("heldout") or {}
+        if "corpus" in held:  # cells written before several held-out texts: one, unkeyed
+            held = {held["corpus"]: held}
+        for h in held.values():  # kinds of text that nothing was fitted on
             rows.append({"quantity": f"budget {c['budget']}, {c['strategy']}: held-out '{h['corpus']}' ppl before / "
                                      f"after distillation (never fitted on)", "paper": "",
                          "measured": f"{h['before']['ppl']:.2f} / {h['after']['ppl']:.2f} "
