@@ -126,3 +126,48 @@ def test_unwritable_cache_and_truncated_checkpoint_are_clear_errors(tmp_path, mo
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     with pytest.raises(ValueError, match="could not load a model from .*complete"):
         load_model(str(folder))
+
+
+def _fake_sdist(path, member: str, data: bytes):
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+
+def test_alice_missing_or_altered_archive_is_a_clear_error(tmp_path, monkeypatch):
+    from headalloc.assets import corpus
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"pip download --no-deps --no-binary :all: brotli==1\.2\.1"):
+        load_corpus("alice")
+    sdist = tmp_path / "downloads" / corpus.ALICE_SDIST
+    _fake_sdist(sdist, corpus.ALICE_MEMBER, b"Alice was beginning to get very tired\r\n")  # not the real bytes
+    with pytest.raises(ValueError, match="expected SHA-256"):
+        load_corpus("alice")
+    sdist.write_bytes(b"not a gzip archive")
+    with pytest.raises(ValueError, match="damaged"):
+        load_corpus("alice")
+    _fake_sdist(sdist, "brotli-1.2.1/README", b"x")  # the archive without the book
+    with pytest.raises(ValueError, match="damaged"):
+        load_corpus("alice")
+
+
+def test_real_alice_is_the_whole_book_as_continuous_prose():
+    from headalloc.assets import corpus
+
+    if not (corpus.downloads_dir() / corpus.ALICE_SDIST).is_file():
+        pytest.skip(f"the held-out text 'alice' is not downloaded: {corpus.alice_download_command()}")
+    (title, text), = load_corpus("alice").documents
+    assert text.startswith("ALICE'S ADVENTURES IN WONDERLAND") and text.rstrip().endswith("THE END")
+    assert "\r" not in text
+    paragraphs = text.split("\n\n")
+    assert sum(p.startswith("CHAPTER ") for p in paragraphs) == 12  # every chapter, in one document
+    # hard line wraps are joined: a paragraph is one line, the first of chapter I is whole
+    assert any(p.startswith("Alice was beginning to get very tired") and p.endswith("`without pictures or conversation?'")
+               for p in paragraphs)
+    assert max(len(p) for p in paragraphs) > 800 and all("\n" not in p for p in paragraphs)

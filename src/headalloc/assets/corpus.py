@@ -59,7 +59,7 @@ def alice_text() -> str:
     if hashlib.sha256(raw).hexdigest() != ALICE_SHA256:
         raise ValueError(f"{ALICE_MEMBER} in {path} does not have the expected SHA-256; delete the file and fetch it "
                          f"again: {alice_download_command()}")
-    text = raw.decode("ascii").replace("\r\n", "\n")
+    text = raw.decode("ascii").replace("\r\n", "\n").replace("\x1a", "")  # CRLF lines, a DOS end-of-file mark
     paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
                   for block in text.split("\n\n")]
     return "\n\n".join(p for p in paragraphs if p)
