@@ -46,6 +46,17 @@ except ImportError:  # pragma: no cover - transformers 4.x
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+# transformers 5.24 renamed the key/value cache argument and output field `past_key_values` -> `cache`
+# (the decoder layers pass `cache=` to attention). Both names are taken here; the installed version's
+# name is the one passed on and returned.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_arg(past_key_values, kwargs: dict):
+    """The cache object, whichever name it came under (removed from kwargs)."""
+    cache = kwargs.pop("cache", None)
+    return cache if cache is not None else past_key_values
+
 MODEL_TYPE = "headalloc"
 
 
@@ -193,6 +204,7 @@ class ReducedAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        past_key_values = _cache_arg(past_key_values, kwargs)
         B, T, _ = hidden_states.shape
         if self.n_kv == 0:  # nothing to attend with
             if past_key_values is not None:  # transformers reads a layer's cached length off its keys, so one
@@ -269,6 +281,7 @@ class LatentAttention(ReducedAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        past_key_values = _cache_arg(past_key_values, kwargs)
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.n_q, self.qk_dim).transpose(1, 2)
         cos, sin = position_embeddings
@@ -313,6 +326,7 @@ class MLAAttention(ReducedAttention):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        past_key_values = _cache_arg(past_key_values, kwargs)
         B, T, _ = hidden_states.shape
         cos, sin = position_embeddings
         idx = self.rope_index(cos.device)  # (n_kv, 2p)
@@ -406,9 +420,9 @@ class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+        cache = _cache_arg(past_key_values, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -417,7 +431,7 @@ class HeadallocForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int | None = None) -> int:

@@ -216,6 +216,9 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         metrics["seconds_layerwise"] = time.time() - t1
         if keep_stages and evaluate and cfg.kd_steps > 0:
             metrics["after_layerwise"] = perplexity(student, ev, progress, desc="after layer-local")
+            for k, w in ho.items():
+                metrics["heldout"][k]["after_layerwise"] = perplexity(student, w, progress,
+                                                                      desc=f"held-out '{k}' after layer-local")
         if cfg.kd_steps > 0:
             _stage(progress, 4, n, f"end-to-end distillation: {cfg.kd_steps} steps on {cfg.kd_windows} windows")
             w, targets = kd_targets(teacher, tok, cfg, cal, progress)

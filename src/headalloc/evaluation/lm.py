@@ -61,6 +61,9 @@ def counts(model, context: int = 1024, batch: int = 1) -> dict:
     }
 
 
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # noqa: E402  ("cache" from transformers 5.24)
+
+
 @torch.no_grad()
 def _prefill_decode(model, ids: torch.Tensor, new_tokens: int, batch: int = 1) -> tuple[float, float]:
     """Seconds for a prefill of `ids` (1, T) (building the KV cache) and for `new_tokens` greedy decode
@@ -69,14 +72,14 @@ def _prefill_decode(model, ids: torch.Tensor, new_tokens: int, batch: int = 1) -
     t = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     t_pre = time.perf_counter() - t
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, nxt = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
     if batch > 1:
         cache.batch_repeat_interleave(batch)
         nxt = nxt.repeat(batch, 1)
     t = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, use_cache=True, **{CACHE_NAME: cache})
+        cache, nxt = getattr(out, CACHE_NAME), out.logits[:, -1:].argmax(-1)
     return t_pre, time.perf_counter() - t
 
 
