@@ -144,3 +144,24 @@ def test_mha2mla_strategy_meets_the_budget():
         st = compress_model(m, plan, data)
         with torch.no_grad():
             assert torch.isfinite(st(torch.randint(0, 300, (1, 9))).logits).all()
+
+
+def test_reduced_training_moves_only_what_the_plan_changed():
+    """kd_train='reduced': a latent layer's key/value factors move, its query and output projections (the
+    teacher's, untouched by the plan) stay bit-identical; with a narrowed-heads plan every projection moves."""
+    from headalloc.compression.distill import distill_end_to_end, trainable
+
+    m = tiny("llama")
+    g = Geometry.of(m)
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    st = compress_model(m, Plan([_latent(g, 8, 16)] * g.n_layers), data)
+    names = {n.split(".")[-2] for n, p in st.model.layers.named_parameters()
+             if any(p is q for q in trainable(m, st, "reduced"))}
+    assert names == {"k_down", "k_up", "v_down", "v_up"}
+    before = {n: p.detach().clone() for n, p in st.named_parameters()}
+    distill_end_to_end(m, st, torch.randint(0, 300, (4, 16)), steps=3, lr=1e-2, k=4, progress=False, train="reduced")
+    moved = {n for n, p in st.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.split(".")[-2] in names for n in moved)
+    assert any(".k_down." in n for n in moved)
+    narrow = compress_model(m, Plan([LayerPlan(g.head_dim // 2, g.head_dim // 2)] * g.n_layers), data)
+    assert len(trainable(m, narrow, "reduced")) == len(trainable(m, narrow, "attention"))

@@ -139,14 +139,34 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+TRAIN_CHOICES = ("attention", "reduced", "layers")
+
+
+def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:
+    """What the end-to-end stage moves: every attention projection ("attention"), only the attention
+    weights the plan changed ("reduced": a student weight whose name or shape the teacher's attention
+    does not have; e.g. a latent layer's key/value factors, not its untouched query and output
+    projections), or every decoder-layer weight ("layers")."""
+    if train == "layers":
+        return [p for layer in student.model.layers for p in layer.parameters()]
+    if train == "attention":
+        return [p for layer in student.model.layers for p in layer.self_attn.parameters()]
+    out = []
+    for ls, lt in zip(student.model.layers, teacher.model.layers):
+        tshape = {n: p.shape for n, p in lt.self_attn.named_parameters()}
+        out += [p for n, p in ls.self_attn.named_parameters() if tshape.get(n) != p.shape]
+    return out
+
+
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False,
                        hidden_weight: float = 0.0, anchor: float = 0.0) -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
-    layers are corrected. `train="attention"`: only the attention projections move; `train="layers"`:
-    every decoder-layer weight (embeddings and output head stay frozen). `tail`: the loss keeps the
+    layers are corrected. `train` (see `trainable`): "attention" (every attention projection), "reduced"
+    (only the attention weights the plan changed) or "layers" (every decoder-layer weight; embeddings
+    and output head stay frozen). `tail`: the loss keeps the
     teacher's mass outside its top k as one extra bucket (see `topk_distill_loss`). Adam, linear warm-up over the
     first 10% of steps, cosine decay to 10%. `hidden_weight` > 0 adds that weight times
     `hidden_state_loss` (every layer's output against the teacher's, from a teacher forward each
@@ -162,11 +182,10 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     targets = targets or teacher_topk(teacher, windows, k, progress)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    if train not in ("attention", "layers"):
-        raise ValueError(f"train must be 'attention' or 'layers'; got {train!r}")
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {', '.join(TRAIN_CHOICES)}; got {train!r}")
     dev = student.get_input_embeddings().weight.device
-    params = [p for layer in student.model.layers
-              for p in (layer.self_attn.parameters() if train == "attention" else layer.parameters())]
+    params = trainable(teacher, student, train)
     frozen = [p for p in student.parameters() if p.requires_grad]
     for p in student.parameters():
         p.requires_grad_(False)

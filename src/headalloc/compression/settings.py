@@ -58,8 +58,10 @@ class CompressConfig:
     kd_topk: int = _f(32, "teacher probabilities kept per position (top k)", "end-to-end distillation")
     kd_tail: bool = _f(True, "keep the teacher's mass outside its top k as one extra bucket (off: renormalised "
                              "top k)", "end-to-end distillation")
-    kd_train: str = _f("attention", "train the attention projections only, or every decoder-layer weight",
-                       "end-to-end distillation", ("attention", "layers"))
+    kd_train: str = _f("attention", "what the end-to-end stage trains: every attention projection, only the "
+                                    "attention weights the plan changed ('reduced': e.g. a latent layer's key/value "
+                                    "factors, not its untouched query and output projections), or every "
+                                    "decoder-layer weight", "end-to-end distillation", ("attention", "reduced", "layers"))
     kd_hidden: float = _f(0.0, "weight of a term matching every layer's hidden states (0 = off; costs a teacher "
                                "forward per step)", "end-to-end distillation")
     kd_anchor: float = _f(0.0, "weight of a penalty keeping the attention weights near their initialisation "
