@@ -165,3 +165,26 @@ def test_reduced_training_moves_only_what_the_plan_changed():
     assert any(".k_down." in n for n in moved)
     narrow = compress_model(m, Plan([LayerPlan(g.head_dim // 2, g.head_dim // 2)] * g.n_layers), data)
     assert len(trainable(m, narrow, "reduced")) == len(trainable(m, narrow, "attention"))
+
+
+def test_shrunk_second_moment_moves_the_factorisation_from_data_aware_to_plain():
+    """whiten_shrink: the shrunk moment stays a second moment (PSD, same input energy, constant entry 1);
+    near full shrinkage the whitened factorisation is plain truncated SVD (numpy's Eckart-Young tail)."""
+    from headalloc.compression.pipeline import shrink_second_moment
+
+    rng = np.random.default_rng(1)
+    W = torch.tensor(rng.standard_normal((10, 16)))
+    X = rng.standard_normal((400, 16)) @ np.diag(np.linspace(0.05, 3, 16)) + 0.3
+    A = np.concatenate([X, np.ones((400, 1))], 1)
+    M = torch.tensor(A.T @ A / 400)
+    for alpha in (0.2, 0.7):
+        S = shrink_second_moment(M, alpha)
+        assert float(torch.linalg.eigvalsh(S).min()) > 0 and float(S[-1, -1]) == pytest.approx(1.0)
+        assert float(torch.trace(S[:-1, :-1])) == pytest.approx(float(torch.trace(M[:-1, :-1])))
+    s = np.linalg.svd(W.numpy(), compute_uv=False)
+    for r in (2, 5):
+        up, down = whitened_low_rank(W, shrink_second_moment(M, 1 - 1e-9)[:-1, :-1], r)
+        err = float(((W - up.double() @ down.double()) ** 2).sum())
+        assert err == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-4)
+        up0, down0 = whitened_low_rank(W, M[:-1, :-1], r)  # the data-aware one is worse in plain Frobenius terms
+        assert float(((W - up0.double() @ down0.double()) ** 2).sum()) > err

@@ -85,8 +85,25 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
     cal = collect(teacher, w, keep=True, progress=progress)
-    cal.cache["fit_text"] = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)  # checked on reuse
+    if cfg.whiten_shrink > 0:
+        cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
+    cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse
     return cal
+
+
+def _fit_key(cfg: CompressConfig) -> tuple:
+    return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
+        ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ())
+
+
+def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) M + alpha diag(s, ..., s, 1) for an augmented second moment M = [[C, mu], [mu^T, 1]],
+    s = tr(C) / d: the input covariance pulled toward the isotropic one of the same energy (a convex
+    combination of positive semi-definite matrices, so still one), the constant entry kept at 1. Data-aware
+    factorisations then also keep what the weights do in directions the calibration text rarely visits."""
+    d = m.shape[0] - 1
+    target = torch.diag(torch.cat([m.new_full((d,), float(torch.trace(m[:-1, :-1])) / d), m.new_ones(1)]))
+    return (1 - alpha) * m + alpha * target
 
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
@@ -182,7 +199,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
 
     t0 = time.time()
     cal = calibration_data
-    fit = (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature)
+    fit = _fit_key(cfg)
     if cal is not None and cal.cache.get("fit_text", fit) != fit:
         raise ValueError(f"the calibration given was made from other fitting text {cal.cache['fit_text']} than "
                          f"these settings ask for {fit}; make it with the same settings (pipeline.calibration)")

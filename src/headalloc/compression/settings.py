@@ -37,6 +37,8 @@ class CompressConfig:
                        ("corpus", "generated", "mixed"))
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     gen_prompt: int = _f(8, "tokens of --corpus that start each generated window", "calibration")
+    whiten_shrink: float = _f(0.0, "pull the calibration inputs' second moment toward isotropic by this fraction in [0, 1) "
+                                   "before data-aware factorisations (0: as measured)", "calibration")
     calib_windows: int = _f(16, "calibration windows (planning and layer-local fitting)", "calibration")
     calib_length: int = _f(256, "tokens per calibration window", "calibration")
     # layer-local distillation
@@ -122,6 +124,8 @@ class CompressConfig:
         if not self.gen_temperature > 0 or self.gen_prompt < 1:
             raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
                              f"{self.gen_prompt}")
+        if not 0 <= self.whiten_shrink < 1:
+            raise ValueError(f"whiten_shrink must be in [0, 1); got {self.whiten_shrink}")
         if self.kd_hidden < 0 or self.kd_anchor < 0:
             raise ValueError(f"kd_hidden and kd_anchor must be >= 0; got {self.kd_hidden}, {self.kd_anchor}")
         if self.eval_length < 2:
