@@ -73,7 +73,8 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
             continue
         m = r.metrics
         p = m["after_distill"]["ppl"]
-        mid = f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else ""
+        mid = (f"before fitting {m['before_distill']['ppl']:.2f}; " if "before_distill" in m else "") + \
+            (f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else "")
         held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> {h['before']['ppl']:.2f} -> "
                        + (f"{h['after_layerwise']['ppl']:.2f} -> " if "after_layerwise" in h else "") + f"{h['after']['ppl']:.2f} "
                        f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x, {h['windows']} windows of {h['length']})"
