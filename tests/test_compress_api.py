@@ -231,10 +231,13 @@ def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp
 
     folder = tiny_folder("llama", tmp_path / "llama")
     model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    cfg = preset("default", budget=0.5, strategy="uniform", **TINY)
+    cfg = preset("default", budget=0.5, strategy="uniform", fit_text="corpus", **TINY)
     cal = calibration(model, tok, cfg)
     r = headalloc.compress(model, tokenizer=tok, config=cfg, calibration_data=cal, progress=False)
     assert r.metrics["teacher"] is cal.cache[("teacher_eval", "pydoc", 2, 32, 0)]  # measured once, shared
     with pytest.raises(ValueError, match="other fitting text"):
         headalloc.compress(model, tokenizer=tok, config=replace(cfg, fit_text="mixed"), calibration_data=cal,
+                           progress=False)
+    with pytest.raises(ValueError, match="other fitting text"):  # a shrunk second moment is another calibration
+        headalloc.compress(model, tokenizer=tok, config=replace(cfg, whiten_shrink=0.2), calibration_data=cal,
                            progress=False)
