@@ -70,7 +70,7 @@ def test_strategy_registry_is_what_the_cli_offers():
     sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
     action = next(a for a in sub._actions if a.dest == "strategy")
     assert list(action.choices) == list(STRATEGIES) == ["uniform", "depth", "prune-heads", "measured", "palu",
-                                                        "measured-latent", "mha2mla"]
+                                                        "measured-latent", "measured-lowrank", "mha2mla"]
 
 
 def test_bad_budget_strategy_and_family_fail_before_work(capsys):

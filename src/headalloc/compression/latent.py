@@ -129,6 +129,27 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
     cal = _with_grads(model, calibration, progress)
     ad, g = adapter_for(model), Geometry.of(model)
     full = g.n_kv * g.head_dim
+    cands, e = _latent_errors(model, cal, step, progress)
+    options, labels = [], []
+    for l in range(g.n_layers):
+        opts, labs = [], []
+        for i, rk in enumerate(cands):
+            for j, rv in enumerate(cands):
+                lp = LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
+                opts.append((g.spec(lp).cost(g.hidden, kind), e[l, 0, i] + e[l, 1, j]))
+                labs.append(lp)
+        options.append(opts)
+        labels.append(labs)
+    plan, predicted = choose(g, options, labels, budget, kind)
+    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], "predicted_error": predicted}
+
+
+def _latent_errors(model, cal: Calibration, step: int, progress: bool) -> tuple[list[int], np.ndarray]:
+    """Candidate latent ranks (multiples of 2 * step up to kv heads x head dim) and, per layer, the measured
+    error (`layer_error`) of a latent key of each rank with exact values, and of latent values with exact keys:
+    (layers, 2, ranks). Cached on the calibration."""
+    ad, g = adapter_for(model), Geometry.of(model)
+    full = g.n_kv * g.head_dim
     cands = grid(full, 2 * step) if full >= 2 * step else [full]
     key = ("latent_errors", tuple(cands))
     if key not in cal.cache:
@@ -143,19 +164,91 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                     e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(
                         w, M, LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=full, rank_v=r), g, l, sc))
         cal.cache[key] = e
-    e = cal.cache[key]
+    return cands, cal.cache[key]
+
+
+def rank_grid(n_in: int, n_out: int, step: int, n: int = 8) -> list[int]:
+    """Ranks worth factorising an (n_out, n_in) projection at: multiples of about a ninth of the break-even rank
+    n_in n_out / (n_in + n_out) (a multiple of `step`), below it (at or above it the factors cost more
+    parameters than the dense matrix)."""
+    even = n_in * n_out / (n_in + n_out)
+    s = max(step, step * round(even / (n + 1) / step))
+    return [r for r in range(s, int(even) + 1, s) if r < even][:n]
+
+
+def _pareto(opts: list[tuple]) -> list[tuple]:
+    """(cost, error, ...) options not beaten by a cheaper-or-equal one with lower error."""
+    out, best = [], np.inf
+    for o in sorted(opts, key=lambda t: (t[0], t[1])):
+        if o[1] < best:
+            out.append(o)
+            best = o[1]
+    return out
+
+
+@strategy("measured-lowrank")
+def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int = 8,
+                          calibration: Calibration | None = None, progress: bool = False,
+                          target: Target = TARGETS["any"]):
+    """Ours, factorised: every head kept; q, o and k/v latents at per-layer ranks by measured error."""
+    if target.widths_fixed:
+        raise ValueError(f"measured-lowrank: factorised projections and latent keys/values have no counterpart in "
+                         f"{target.name}; use --target any (or the measured strategy)")
+    from headalloc.compression.reduce import output_moments
+
+    cal = _with_grads(model, calibration, progress)
+    ad, g = adapter_for(model), Geometry.of(model)
+    hd, nq = g.head_dim, g.n_kv * g.n_rep * g.head_dim
+    full_lp = g.full()
+    base = g.spec(full_lp).cost(g.hidden, kind)
+    delta = lambda lp: g.spec(lp).cost(g.hidden, kind) - base  # noqa: E731  (costs add across projections)
+    rq, ro = rank_grid(g.hidden, nq, step), rank_grid(nq, g.hidden, step)
+    key = ("qo_rank_errors", tuple(rq), tuple(ro))
+    if key not in cal.cache:
+        outm = output_moments(model, cal)
+        e = np.zeros((g.n_layers, 2, max(len(rq), len(ro))))
+        for l in tqdm(range(g.n_layers), desc="measuring query/output ranks", disable=not progress):
+            w, M = ad.weights(model, l), cal.second_moment[l]
+            sc: dict = {}
+            for i, r in enumerate(rq):
+                e[l, 0, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_q=r), g, l, sc))
+            for i, r in enumerate(ro):
+                e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_o=r), g, l, sc,
+                                                                      out_moment=None if outm is None else outm[l]))
+        cal.cache[key] = e
+    e_qo = cal.cache[key]
+    latent_ok = not g.qk_norm  # latent keys cannot carry per-head q/k norms
+    if kind == "kv" and not latent_ok:
+        raise ValueError("measured-lowrank: this family normalises every query and key head (q/k norms), so keys "
+                         "cannot go through a latent and the strategy cannot shrink the KV cache; use the measured "
+                         "strategy (narrower values, fewer heads) for a KV budget")
+    if latent_ok:
+        kv_cands, e_kv = _latent_errors(model, cal, step, progress)
+        full_kv = g.n_kv * hd
+        kv_ranks = [r for r in kv_cands if r < full_kv] + [full_kv]
     options, labels = [], []
     for l in range(g.n_layers):
+        qs = [(0, 0.0, None)] + [(delta(LayerPlan(hd, hd, rank_q=r)), e_qo[l, 0, i], r) for i, r in enumerate(rq)]
+        os_ = [(0, 0.0, None)] + [(delta(LayerPlan(hd, hd, rank_o=r)), e_qo[l, 1, i], r) for i, r in enumerate(ro)]
+        qo = _pareto([(a[0] + b[0], a[1] + b[1], a[2], b[2]) for a in _pareto(qs) for b in _pareto(os_)])
+        kvs = [(0, 0.0, None, None)]
+        if latent_ok:
+            err = lambda j, r: 0.0 if r == full_kv else e_kv[l, j, kv_cands.index(r)]  # noqa: E731
+            kvs += [(delta(LayerPlan(hd, hd, kind="palu", rank_k=a, rank_v=b)), err(0, a) + err(1, b), a, b)
+                    for a in kv_ranks for b in kv_ranks]
         opts, labs = [], []
-        for i, rk in enumerate(cands):
-            for j, rv in enumerate(cands):
-                lp = LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
-                opts.append((g.spec(lp).cost(g.hidden, kind), e[l, 0, i] + e[l, 1, j]))
-                labs.append(lp)
-        options.append(opts)
-        labels.append(labs)
+        for c1, e1, q, o in qo:
+            for c2, e2, k, v in _pareto(kvs):
+                lp = LayerPlan(hd, hd, rank_q=q, rank_o=o) if k is None else \
+                    LayerPlan(hd, hd, kind="palu", rank_k=k, rank_v=v, rank_q=q, rank_o=o)
+                opts.append((g.spec(lp).cost(g.hidden, kind), e1 + e2, lp))
+        front = _pareto(opts)
+        options.append([(c, err) for c, err, _ in front])
+        labels.append([lp for _, _, lp in front])
     plan, predicted = choose(g, options, labels, budget, kind)
-    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], "predicted_error": predicted}
+    return plan, {"rank_grid_q": rq, "rank_grid_o": ro,
+                  "ranks": [{"q": lp.rank_q, "o": lp.rank_o, "k": lp.rank_k, "v": lp.rank_v} for lp in plan],
+                  "predicted_error": predicted}
 
 
 MLA_PAIRS = 4  # MHA2MLA's partial RoPE: r = 4 kept frequency pairs per head

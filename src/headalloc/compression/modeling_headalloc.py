@@ -27,6 +27,9 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
 - `"kind": "mla"` with `rank` and `rope_pairs` (`MLAAttention`, MHA2MLA-style): per kv head the kept
   rotary pairs keep their rotation (cached as keys), the rest of each key loses it and comes, with the
   values, from one joint latent of rank `rank` (cached): 2 * pairs * kv heads + rank entries per token;
+- `rank_q` / `rank_o` (any kind; 0 or absent: dense): the query / output projection factorised through a
+  rank-r bottleneck (`LowRankLinear`: `down` then `up`, the bias on `up`); parameters only, the heads,
+  the cache and the attention itself are unchanged;
 - `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
   residual stream and caches one placeholder element per token (transformers reads a layer's cached
   length off its keys).
@@ -80,6 +83,10 @@ def validate_attn_layers(attn_layers: list, text_config) -> None:
             continue  # a layer without attention
         if a.get("kind", "heads") not in ("heads", "palu", "mla"):
             raise ValueError(f"layer {i}: unknown attention kind {a.get('kind')!r} (heads, palu, mla)")
+        for name in ("rank_q", "rank_o"):
+            rank = a.get(name, 0) or 0
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                raise ValueError(f"layer {i}: {name} must be an integer >= 0 (0: a dense projection); got {rank!r}")
         if a.get("kind") == "mla":
             pairs = a.get("rope_pairs")
             if not (1 <= a.get("rank", 0) <= g * (k + v)) or pairs is None or len(pairs) != g \
@@ -141,6 +148,22 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class LowRankLinear(nn.Module):
+    """A linear map through a rank-r bottleneck: up(down(x)) (the bias, if any, on `up`)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def _projection(in_features: int, out_features: int, bias: bool, rank: int) -> nn.Module:
+    return LowRankLinear(in_features, rank, out_features, bias) if rank else nn.Linear(in_features, out_features, bias=bias)
+
+
 class ReducedAttention(nn.Module):
     """Attention with this layer's own kv heads, query heads per kv head, qk and v widths."""
 
@@ -168,10 +191,10 @@ class ReducedAttention(nn.Module):
         if self.n_kv == 0:  # no attention in this layer
             self.q_proj = self.k_proj = self.v_proj = self.o_proj = self.q_norm = self.k_norm = None
             return
-        self.q_proj = nn.Linear(hidden, self.n_q * self.qk_dim, bias=bool(bias.get("q")))
+        self.q_proj = _projection(hidden, self.n_q * self.qk_dim, bool(bias.get("q")), spec.get("rank_q") or 0)
         self.k_proj = nn.Linear(hidden, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
         self.v_proj = nn.Linear(hidden, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
-        self.o_proj = nn.Linear(self.n_q * self.v_dim, hidden, bias=bool(bias.get("o")))
+        self.o_proj = _projection(self.n_q * self.v_dim, hidden, bool(bias.get("o")), spec.get("rank_o") or 0)
         if spec.get("qk_norm"):
             eps = getattr(text_config, "rms_norm_eps", 1e-6)
             self.q_norm, self.k_norm = RMSNorm(self.qk_dim, eps), RMSNorm(self.qk_dim, eps)

@@ -133,9 +133,73 @@ def value_output_svd(w: AttentionWeights, M: torch.Tensor | None, g: Geometry, v
 
 @torch.no_grad()
 def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
-                 cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
+                 cache: dict | None = None, out_moment: torch.Tensor | None = None) -> tuple[HeadSpec, AttentionWeights]:
     """One layer's reduced head spec and weights (float32, CPU) from the teacher's weights `w`.
-    `M`: the layer's augmented second moment (data-aware), or None (weights only)."""
+    `M`: the layer's augmented second moment (data-aware), or None (weights only). `out_moment`: the second
+    moment of the teacher's output-projection input (the concatenated head outputs), which a factorised
+    output projection (`lp.rank_o`) is whitened by (None: plain SVD)."""
+    spec, red = _reduce_layer(w, M, lp, g, layer_idx, cache)
+    if lp.rank_q or lp.rank_o:
+        spec, red = factor_projections(spec, red, M, lp, layer_idx, cache, out_moment)
+    return spec, red
+
+
+@torch.no_grad()
+def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan,
+                       layer_idx: int = 0, cache: dict | None = None, out_moment: torch.Tensor | None = None):
+    """The query and/or output projection of a reduced layer factorised into down (rank, in) and up (out, rank)
+    by a truncated SVD whitened by its input's second moment (the layer input for queries; the head outputs,
+    `out_moment`, for the output projection), the data-aware factorisation of SVD-LLM and Palu applied to the
+    projections a KV-cache method leaves alone. Exact at full rank; the heads and the cache are unchanged."""
+    if spec.n_kv_heads == 0:
+        raise ValueError(f"layer {layer_idx}: a layer without attention has no projections to factorise")
+    sc = cache if cache is not None else {}
+    q, o, q_down, o_down = red.q, red.o, None, None
+    for name, r, W in (("rank_q", lp.rank_q, red.q), ("rank_o", lp.rank_o, red.o)):
+        if r is not None and not 1 <= int(r) <= min(W.shape):
+            raise ValueError(f"layer {layer_idx}: {name} must be in [1, {min(W.shape)}] (the smaller side of the "
+                             f"{tuple(W.shape)} projection), or None for a dense one; got {r}")
+    if lp.rank_q:
+        C = None if M is None else M.double()[:-1, :-1]  # the bias stays on the up projection
+        q, q_down = whitened_low_rank(red.q, C, int(lp.rank_q), sc.setdefault("q_whiten", {}))
+    if lp.rank_o:
+        Cz = out_moment if out_moment is not None and out_moment.shape[0] == red.o.shape[1] else None
+        o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}))
+    spec = HeadSpec.from_dict({**spec.to_dict(), "rank_q": int(lp.rank_q or 0), "rank_o": int(lp.rank_o or 0)})
+    return spec, AttentionWeights(**{**red.__dict__, "q": q, "o": o, "q_down": q_down, "o_down": o_down})
+
+
+@torch.no_grad()
+def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
+    """Per layer: E[z z^T] of the teacher's output-projection input z (every head's output, concatenated) on
+    the calibration inputs (float64, CPU); None when the calibration kept no inputs. Cached on `cal`."""
+    if cal.inputs is None or not all(cal.inputs):
+        return None
+    if "out_moment" not in cal.cache:
+        ad = adapter_for(model)
+        out = []
+        for l in range(ad.n_layers(model.config)):
+            attn = ad.attention(model, l)
+            acc, n = None, 0
+
+            def hook(mod, args):
+                nonlocal acc, n
+                z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
+                acc = z.T @ z if acc is None else acc + z.T @ z
+                n += z.shape[0]
+            h = attn.o_proj.register_forward_pre_hook(hook)
+            try:
+                for X, pe in zip(cal.inputs[l], cal.positions):
+                    attn(hidden_states=X, position_embeddings=pe, attention_mask=None)
+            finally:
+                h.remove()
+            out.append(acc / n)
+        cal.cache["out_moment"] = out
+    return cal.cache["out_moment"]
+
+
+def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
+                  cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
     hd = g.head_dim
     if lp.qk_dim % 2 or not 2 <= lp.qk_dim <= hd or not 1 <= lp.v_dim <= hd:
         raise ValueError(f"layer {layer_idx}: qk_dim must be even in [2, {hd}] and v_dim in [1, {hd}]; got "
@@ -299,6 +363,17 @@ def reduce_mla(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Ge
 
 
 def _state(w: AttentionWeights) -> dict:
+    sd = _dense_state(w)
+    for name, down in (("q_proj", w.q_down), ("o_proj", w.o_down)):  # factorised: down then up (bias on up)
+        if down is not None:
+            sd[f"{name}.up.weight"] = sd.pop(f"{name}.weight")
+            if f"{name}.bias" in sd:
+                sd[f"{name}.up.bias"] = sd.pop(f"{name}.bias")
+            sd[f"{name}.down.weight"] = down
+    return sd
+
+
+def _dense_state(w: AttentionWeights) -> dict:
     if w.kv_down is not None:  # MHA2MLA-style
         sd = {"q_proj.weight": w.q, "k_rope.weight": w.k_rope, "kv_down.weight": w.kv_down, "k_up.weight": w.k,
               "v_up.weight": w.v, "o_proj.weight": w.o}
@@ -394,9 +469,11 @@ def compress_model(teacher, plan: Plan | list[LayerPlan], calibration: Calibrati
     if len(layers) != g.n_layers:
         raise ValueError(f"plan has {len(layers)} layers; the model has {g.n_layers}")
     specs, weights = [], []
+    outm = output_moments(teacher, calibration) if calibration is not None and any(lp.rank_o for lp in layers) \
+        else None
     for i, lp in enumerate(layers):
         M = None if calibration is None else calibration.second_moment[i]
-        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i)
+        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i, out_moment=None if outm is None else outm[i])
         specs.append(s)
         weights.append(w)
     info = plan.to_dict(with_info=False) if isinstance(plan, Plan) else {"layers": [lp.to_dict() for lp in layers]}

@@ -34,6 +34,10 @@ class HeadSpec:
     # rest of the key and the whole value come from one joint latent of rank `rank` (cached)
     rank: int = 0
     rope_keep: int = 0
+    # any kind: the query and/or output projection factorised through a rank-rank_q / rank_o bottleneck
+    # (down then up; 0 = a dense projection). Parameters only: the cache and the heads are unchanged
+    rank_q: int = 0
+    rank_o: int = 0
 
     @property
     def n_heads(self) -> int:
@@ -49,6 +53,10 @@ class HeadSpec:
         if self.kind == "mla":
             kr = 2 * self.rope_keep
             weights = hidden * nq * k + hidden * g * kr + (hidden + g * (k - kr) + g * v) * self.rank + nq * v * hidden
+        if self.rank_q:  # dense hidden x (nq k) -> rank_q x (hidden + nq k)
+            weights += self.rank_q * (hidden + nq * k) - hidden * nq * k
+        if self.rank_o:
+            weights += self.rank_o * (nq * v + hidden) - nq * v * hidden
         b = self.bias or {}
         biases = (nq * k if b.get("q") else 0) + (g * k if b.get("k") else 0) + (g * v if b.get("v") else 0) \
             + (hidden if b.get("o") else 0)
@@ -99,6 +107,8 @@ class LayerPlan:
     rank_v: int | None = None
     rank: int | None = None  # "mla": joint latent rank, and rotary pairs kept per kv head
     rope_keep: int | None = None
+    rank_q: int | None = None  # any kind: query / output projection through a low-rank bottleneck (None: dense)
+    rank_o: int | None = None
 
     @property
     def empty(self) -> bool:
@@ -109,6 +119,11 @@ class LayerPlan:
         """The HeadSpec this choice gives in a layer of n_kv kv heads with n_rep query heads each."""
         if self.empty:
             return HeadSpec(0, 0, self.qk_dim, self.v_dim, rope_pairs=[])
+        spec = self._shape(n_kv, n_rep, bias, qk_norm)
+        spec.rank_q, spec.rank_o = int(self.rank_q or 0), int(self.rank_o or 0)
+        return spec
+
+    def _shape(self, n_kv: int, n_rep: int, bias: dict | None, qk_norm: bool) -> HeadSpec:
         if self.kind == "palu":
             return HeadSpec(n_kv, n_rep, self.qk_dim, self.v_dim, bias=dict(bias or {}), qk_norm=qk_norm, kind="palu",
                             rank_k=int(self.rank_k), rank_v=int(self.rank_v))
@@ -125,7 +140,7 @@ class LayerPlan:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
         return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep", "rank_k", "rank_v", "rank",
-                                            "rope_keep")},
+                                            "rope_keep", "rank_q", "rank_o")},
                    kind=d.get("kind") or "heads")
 
 

@@ -43,6 +43,12 @@ class Target:
                                f"head count, so the first layer must keep at least one head")
                 continue  # no attention: both runtimes run it elsewhere
             if self.widths_fixed:
+                if a.get("kind", "heads") != "heads":
+                    out.append(f"layer {i} keeps its keys and values through a latent ({a['kind']}); {self.name} "
+                               f"caches every kv head's keys and values")
+                if a.get("rank_q") or a.get("rank_o"):
+                    out.append(f"layer {i} factorises its query or output projection (rank_q={a.get('rank_q', 0)}, "
+                               f"rank_o={a.get('rank_o', 0)}); {self.name} runs dense projections")
                 if a["qk_dim"] != head_dim or a["v_dim"] != head_dim:
                     out.append(f"layer {i} has query-key width {a['qk_dim']} and value width {a['v_dim']}; "
                                f"{self.name} needs the original head width {head_dim} in every layer")

@@ -49,6 +49,10 @@ class AttentionWeights:
     kv_down: torch.Tensor | None = None
     k_rope: torch.Tensor | None = None
     k_rope_bias: torch.Tensor | None = None
+    # factorised query / output projections (any kind): q = q @ q_down, o = o @ o_down; then `q` holds the up
+    # projection (n_heads*qk, rank_q) and `o` (hidden, rank_o), these the down projections
+    q_down: torch.Tensor | None = None
+    o_down: torch.Tensor | None = None
 
     @property
     def bias(self) -> dict[str, bool]:
