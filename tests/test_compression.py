@@ -320,11 +320,15 @@ def test_topk_distill_loss_with_tail_bucket_is_kl_of_the_coarsened_distributions
     assert topk_distill_loss(sharper, top.indices, renorm) < topk_distill_loss(t_logits, top.indices, renorm)
     # teacher_topk stores the tail it removed
     model = tiny_llama()
-    w = torch.randint(0, 120, (2, 10))
-    tk = teacher_topk(model, w, k=8, progress=False)
-    with torch.no_grad():
-        full = torch.softmax(model(input_ids=w).logits, -1)
-    assert torch.allclose(tk["tail"], 1 - full.topk(8, -1).values.sum(-1), atol=1e-6)
+    w = torch.randint(0, 120, (5, 10))
+    with torch.no_grad():  # one window at a time, through transformers' own softmax
+        full = torch.cat([torch.softmax(model(input_ids=x[None]).logits, -1) for x in w])
+    ref = full.topk(8, -1)
+    for batch in (1, 2, 4):  # batches that divide the windows and one that leaves a remainder
+        tk = teacher_topk(model, w, k=8, progress=False, batch=batch)
+        assert torch.allclose(tk["tail"], 1 - ref.values.sum(-1), atol=1e-6)
+        assert torch.equal(tk["ids"], ref.indices)
+        assert torch.allclose(tk["probs"], ref.values / ref.values.sum(-1, keepdim=True), atol=1e-6)
 
 
 def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():

@@ -94,22 +94,25 @@ def distill_layerwise(teacher, student, cal: Calibration, steps: int = 50, lr: f
 
 
 @torch.no_grad()
-def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = True) -> dict:
+def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = True, batch: int = 4) -> dict:
     """The teacher's top-k next-token probabilities on every position of `windows` (n, T), renormalised
     over the k tokens: a few MB instead of full-vocabulary logits, so distillation steps need no
-    teacher forward. Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability
-    outside the top k, "mass": mean top-k mass}."""
+    teacher forward. `batch` windows per forward (the full-vocabulary logits of a batch are the peak memory).
+    Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability outside the top k,
+    "mass": mean top-k mass}."""
     ids, probs, tail = [], [], []
     device = adapter_for(teacher).embed(teacher).weight.device
-    for w in tqdm(windows, desc="teacher top-k", disable=not progress, leave=False):
-        p = torch.softmax(teacher(input_ids=w[None].to(device)).logits[0].float(), -1).cpu()
+    for s in tqdm(range(0, len(windows), batch), desc="teacher top-k", disable=not progress, leave=False):
+        p = torch.softmax(teacher(input_ids=windows[s:s + batch].to(device)).logits.float(), -1)
         top = p.topk(k, dim=-1)
-        kept = top.values.sum(-1, keepdim=True)
+        del p
+        values, indices = top.values.cpu(), top.indices.cpu()
+        kept = values.sum(-1, keepdim=True)
         tail.append((1 - kept[..., 0]).clamp_min(0))
-        ids.append(top.indices)
-        probs.append(top.values / kept)
-    tail = torch.stack(tail)
-    return {"ids": torch.stack(ids), "probs": torch.stack(probs), "tail": tail, "mass": float(1 - tail.mean()), "k": k}
+        ids.append(indices)
+        probs.append(values / kept)
+    tail = torch.cat(tail)
+    return {"ids": torch.cat(ids), "probs": torch.cat(probs), "tail": tail, "mass": float(1 - tail.mean()), "k": k}
 
 
 def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,

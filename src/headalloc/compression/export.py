@@ -89,8 +89,8 @@ def model_card(record: dict) -> str:
                   f"| KV cache bytes per token | {t['kv_bytes_per_token']:,} | | {a['kv_bytes_per_token']:,} "
                   f"({a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x) |", ""]
     if plan.get("layers"):
-        lines += ["## Plan (per layer)", "", "| layer | kv heads kept | query heads per kv head | qk width | v width |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Plan (per layer)", "", "| layer | kv heads kept | query heads per kv head | qk width | v width | "
+                  "query / output projection rank |", "|---|---|---|---|---|---|"]
         for i, lp in enumerate(plan["layers"]):
             kv = "all" if lp.get("keep_kv") is None else (str(lp["keep_kv"]) if lp["keep_kv"] else "none: no attention")
             rep = "all" if lp.get("keep_rep") is None else str(lp["keep_rep"])
@@ -98,7 +98,8 @@ def model_card(record: dict) -> str:
                 kv += f" (latent keys rank {lp['rank_k']}, values rank {lp['rank_v']})"
             elif lp.get("kind") == "mla":
                 kv += f" (MLA: {lp['rope_keep']} rotary pairs per kv head + joint latent rank {lp['rank']})"
-            lines.append(f"| {i} | {kv} | {rep} | {lp['qk_dim']} | {lp['v_dim']} |")
+            fact = " / ".join(str(lp.get(k) or "dense") for k in ("rank_q", "rank_o"))
+            lines.append(f"| {i} | {kv} | {rep} | {lp['qk_dim']} | {lp['v_dim']} | {fact} |")
         lines.append("")
     if plan.get("target") == "llamacpp":
         lines += ["## llama.cpp", "", "Every layer keeps the original head width, so llama.cpp runs this model "

@@ -223,7 +223,9 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
                          "cannot go through a latent and the strategy cannot shrink the KV cache; use the measured "
                          "strategy (narrower values, fewer heads) for a KV budget")
     if latent_ok:
-        kv_cands, e_kv = _latent_errors(model, cal, step, progress)
+        # a coarser rank grid than measured-latent's (multiples of 4 * step): under a parameter budget the
+        # query/output ranks carry most of the choice, and the planning time stays near measured's
+        kv_cands, e_kv = _latent_errors(model, cal, 2 * step, progress)
         full_kv = g.n_kv * hd
         kv_ranks = [r for r in kv_cands if r < full_kv] + [full_kv]
     options, labels = [], []
