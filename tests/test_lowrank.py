@@ -141,3 +141,65 @@ def test_a_saved_factorised_model_loads_without_headalloc_in_bfloat16(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, atol=1e-3, rtol=1e-3)
+
+
+def test_output_weighted_factorisation_is_eckart_young_in_the_weighted_metric():
+    """E[(dW x)^T D (dW x)] = tr(D dW C dW^T) of the out_weight factorisation equals the Eckart-Young tail of
+    D^{1/2} W C^{1/2} (scipy's sqrtm, independent of ours), and beats the input-only whitened factorisation
+    in that metric."""
+    import numpy as np
+    import scipy.linalg
+
+    from headalloc.compression.reduce import whitened_low_rank
+
+    rng = np.random.default_rng(3)
+    W = torch.tensor(rng.standard_normal((14, 18)))
+    X = rng.standard_normal((400, 18)) @ rng.standard_normal((18, 18))
+    Y = rng.standard_normal((400, 14)) @ rng.standard_normal((14, 14))
+    C, D = torch.tensor(X.T @ X / 400), torch.tensor(Y.T @ Y / 400)
+    tail = lambda r: float((np.linalg.svd(np.real(scipy.linalg.sqrtm(D.numpy())) @ W.numpy()  # noqa: E731
+                                          @ np.real(scipy.linalg.sqrtm(C.numpy())), compute_uv=False)[r:] ** 2).sum())
+    for r in (2, 7):
+        up, down = whitened_low_rank(W, C, r, out_weight=D)
+        E = W - up.double() @ down.double()
+        assert float(torch.trace(D @ E @ C @ E.T)) == pytest.approx(tail(r), rel=1e-4)
+        up0, down0 = whitened_low_rank(W, C, r)
+        E0 = W - up0.double() @ down0.double()
+        assert float(torch.trace(D @ E0 @ C @ E0.T)) > tail(r)
+
+
+def test_fisher_weighted_output_factors_lower_the_planners_estimate():
+    """factor_output='fisher' (set on the calibration as the pipeline does): the output factor of each layer has
+    a lower Fisher-weighted error (layer_error, the planners' estimate) than the input-only one."""
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.reduce import factor_weights, reduce_layer
+    from headalloc.compression.strategies import _with_grads, layer_error
+
+    m = tiny("llama")
+    g = Geometry.of(m)
+    hd = g.head_dim
+    cal = _with_grads(m, collect(m, torch.randint(0, 300, (6, 24))), False)
+    output_moments(m, cal)
+    lp = LayerPlan(hd, hd, rank_o=5)
+    for l in range(g.n_layers):
+        w = adapter_for(m).weights(m, l)
+        cal.cache["factor_output"] = "input"
+        plain = layer_error(m, l, cal, *reduce_layer(w, cal.second_moment[l], lp, g, l, **factor_weights(cal, l)))
+        cal.cache["factor_output"] = "fisher"
+        kw = factor_weights(cal, l)
+        assert kw["out_weight"] is not None
+        fisher = layer_error(m, l, cal, *reduce_layer(w, cal.second_moment[l], lp, g, l, **kw))
+        assert fisher < plain
+
+
+def test_plan_figure_counts_each_side_as_the_budget_does():
+    """The plan figure's query-key + value-output parameters add up to HeadSpec.params (what budgets count) for
+    narrowed, pruned, factorised and latent layers of SmolLM2's shape (no biases)."""
+    from headalloc.reports.figures import side_params
+
+    g = Geometry(head_dim=64, n_kv=3, n_rep=3, hidden=576, n_layers=1)
+    plans = [LayerPlan(64, 64), LayerPlan(32, 48), LayerPlan(64, 64, keep_kv=[0, 2], keep_rep=[[1], [0]]),
+             LayerPlan(64, 64, rank_q=96, rank_o=160), LayerPlan(64, 64, kind="palu", rank_k=64, rank_v=96, rank_q=32),
+             LayerPlan(64, 64, keep_kv=[], keep_rep=[])]
+    for lp in plans:
+        assert sum(side_params(lp.to_dict())) == g.spec(lp).params(576)

@@ -194,7 +194,7 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     if target.widths_fixed:
         raise ValueError(f"measured-lowrank: factorised projections and latent keys/values have no counterpart in "
                          f"{target.name}; use --target any (or the measured strategy)")
-    from headalloc.compression.reduce import output_moments
+    from headalloc.compression.reduce import factor_weights, output_moments
 
     cal = _with_grads(model, calibration, progress)
     ad, g = adapter_for(model), Geometry.of(model)
@@ -203,9 +203,9 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     base = g.spec(full_lp).cost(g.hidden, kind)
     delta = lambda lp: g.spec(lp).cost(g.hidden, kind) - base  # noqa: E731  (costs add across projections)
     rq, ro = rank_grid(g.hidden, nq, step), rank_grid(nq, g.hidden, step)
-    key = ("qo_rank_errors", tuple(rq), tuple(ro))
+    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"))
     if key not in cal.cache:
-        outm = output_moments(model, cal)
+        output_moments(model, cal)
         e = np.zeros((g.n_layers, 2, max(len(rq), len(ro))))
         for l in tqdm(range(g.n_layers), desc="measuring query/output ranks", disable=not progress):
             w, M = ad.weights(model, l), cal.second_moment[l]
@@ -214,7 +214,7 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
                 e[l, 0, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_q=r), g, l, sc))
             for i, r in enumerate(ro):
                 e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_o=r), g, l, sc,
-                                                                      out_moment=None if outm is None else outm[l]))
+                                                                      **factor_weights(cal, l)))
         cal.cache[key] = e
     e_qo = cal.cache[key]
     latent_ok = not g.qk_norm  # latent keys cannot carry per-head q/k norms

@@ -88,12 +88,14 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     if cfg.whiten_shrink > 0:
         cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
     cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse
+    cal.cache["factor_output"] = cfg.factor_output
     return cal
 
 
 def _fit_key(cfg: CompressConfig) -> tuple:
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
-        ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ())
+        ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
+        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ())
 
 
 def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:

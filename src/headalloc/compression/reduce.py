@@ -133,24 +133,29 @@ def value_output_svd(w: AttentionWeights, M: torch.Tensor | None, g: Geometry, v
 
 @torch.no_grad()
 def reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
-                 cache: dict | None = None, out_moment: torch.Tensor | None = None) -> tuple[HeadSpec, AttentionWeights]:
+                 cache: dict | None = None, out_moment: torch.Tensor | None = None,
+                 out_weight: torch.Tensor | None = None) -> tuple[HeadSpec, AttentionWeights]:
     """One layer's reduced head spec and weights (float32, CPU) from the teacher's weights `w`.
     `M`: the layer's augmented second moment (data-aware), or None (weights only). `out_moment`: the second
     moment of the teacher's output-projection input (the concatenated head outputs), which a factorised
-    output projection (`lp.rank_o`) is whitened by (None: plain SVD)."""
+    output projection (`lp.rank_o`) is whitened by (None: plain SVD); `out_weight`: its output-side weight
+    (see `factor_projections`)."""
     spec, red = _reduce_layer(w, M, lp, g, layer_idx, cache)
     if lp.rank_q or lp.rank_o:
-        spec, red = factor_projections(spec, red, M, lp, layer_idx, cache, out_moment)
+        spec, red = factor_projections(spec, red, M, lp, layer_idx, cache, out_moment, out_weight)
     return spec, red
 
 
 @torch.no_grad()
 def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan,
-                       layer_idx: int = 0, cache: dict | None = None, out_moment: torch.Tensor | None = None):
+                       layer_idx: int = 0, cache: dict | None = None, out_moment: torch.Tensor | None = None,
+                       out_weight: torch.Tensor | None = None):
     """The query and/or output projection of a reduced layer factorised into down (rank, in) and up (out, rank)
     by a truncated SVD whitened by its input's second moment (the layer input for queries; the head outputs,
     `out_moment`, for the output projection), the data-aware factorisation of SVD-LLM and Palu applied to the
-    projections a KV-cache method leaves alone. Exact at full rank; the heads and the cache are unchanged."""
+    projections a KV-cache method leaves alone. `out_weight` (hidden, hidden): the output projection's error
+    is also weighted on its output side, e.g. by the loss gradient's covariance there (`grad_moments`).
+    Exact at full rank; the heads and the cache are unchanged."""
     if spec.n_kv_heads == 0:
         raise ValueError(f"layer {layer_idx}: a layer without attention has no projections to factorise")
     sc = cache if cache is not None else {}
@@ -164,7 +169,8 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
         q, q_down = whitened_low_rank(red.q, C, int(lp.rank_q), sc.setdefault("q_whiten", {}))
     if lp.rank_o:
         Cz = out_moment if out_moment is not None and out_moment.shape[0] == red.o.shape[1] else None
-        o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}))
+        o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}),
+                                      out_weight=out_weight)
     spec = HeadSpec.from_dict({**spec.to_dict(), "rank_q": int(lp.rank_q or 0), "rank_o": int(lp.rank_o or 0)})
     return spec, AttentionWeights(**{**red.__dict__, "q": q, "o": o, "q_down": q_down, "o_down": o_down})
 
@@ -196,6 +202,42 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
             out.append(acc / n)
         cal.cache["out_moment"] = out
     return cal.cache["out_moment"]
+
+
+@torch.no_grad()
+def grad_moments(cal: Calibration, ridge: float = 1e-2) -> list[torch.Tensor] | None:
+    """Per layer: E[g g^T] of the LM-loss gradient at the attention output on the calibration text (float64,
+    CPU), plus `ridge` x its mean eigenvalue on the diagonal (positive definite, so it can weight a
+    factorisation); None without gradients. Cached on `cal`."""
+    if cal.grads is None:
+        return None
+    key = ("grad_moment", ridge)
+    if key not in cal.cache:
+        out = []
+        for gl in cal.grads:
+            G = sum((lambda f: f.T @ f)(g.reshape(-1, g.shape[-1]).double().cpu()) for g in gl)
+            G = G / sum(g.reshape(-1, g.shape[-1]).shape[0] for g in gl)
+            out.append(G + ridge * torch.trace(G) / G.shape[0] * torch.eye(G.shape[0], dtype=G.dtype))
+        cal.cache[key] = out
+    return cal.cache[key]
+
+
+def factor_weights(cal: Calibration | None, layer: int) -> dict:
+    """reduce_layer's keyword arguments for factorised projections of `layer` under the calibration's setting
+    (`cal.cache["factor_output"]`: "input" whitens the output projection by the head outputs only, "fisher"
+    also weights its error by the gradient covariance)."""
+    if cal is None:
+        return {}
+    outm = output_moments_cached(cal)
+    kw = {"out_moment": None if outm is None else outm[layer]}
+    if cal.cache.get("factor_output", "input") == "fisher":
+        gm = grad_moments(cal)
+        kw["out_weight"] = None if gm is None else gm[layer]
+    return kw
+
+
+def output_moments_cached(cal: Calibration) -> list[torch.Tensor] | None:
+    return cal.cache.get("out_moment")
 
 
 def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
@@ -258,10 +300,16 @@ def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g:
 
 
 @torch.no_grad()
-def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_cache: dict | None = None):
+def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_cache: dict | None = None,
+                      out_weight: torch.Tensor | None = None):
     """(up (out, rank), down (rank, in)) minimising E|W x - up down x|^2 for inputs of second moment C
     (truncated SVD of W C^{1/2}, as SVD-LLM and Palu whiten; None: plain SVD of W). The singular values are
-    split evenly (sqrt) between the factors."""
+    split evenly (sqrt) between the factors. `out_weight` D (out, out), positive definite: minimise
+    E[(W x - up down x)^T D (W x - up down x)] instead (SVD of D^{1/2} W C^{1/2})."""
+    if out_weight is not None:
+        Ds, Dis = _sym_sqrt(out_weight.double().cpu())
+        up, down = whitened_low_rank(Ds @ W.double().cpu(), C, rank, sqrt_cache)
+        return (Dis @ up.double()).float(), down
     W = W.double().cpu()
     if C is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -469,11 +517,11 @@ def compress_model(teacher, plan: Plan | list[LayerPlan], calibration: Calibrati
     if len(layers) != g.n_layers:
         raise ValueError(f"plan has {len(layers)} layers; the model has {g.n_layers}")
     specs, weights = [], []
-    outm = output_moments(teacher, calibration) if calibration is not None and any(lp.rank_o for lp in layers) \
-        else None
+    if calibration is not None and any(lp.rank_o for lp in layers):
+        output_moments(teacher, calibration)  # (cached on the calibration, read by factor_weights)
     for i, lp in enumerate(layers):
         M = None if calibration is None else calibration.second_moment[i]
-        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i, out_moment=None if outm is None else outm[i])
+        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i, **(factor_weights(calibration, i) if lp.rank_o else {}))
         specs.append(s)
         weights.append(w)
     info = plan.to_dict(with_info=False) if isinstance(plan, Plan) else {"layers": [lp.to_dict() for lp in layers]}

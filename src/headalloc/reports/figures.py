@@ -236,20 +236,39 @@ def plot_compression(rec: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def side_params(lp: dict, hidden: int = 576, n_kv: int = 3, n_rep: int = 3) -> tuple[int, int]:
+    """(query + key, value + output) attention parameters of one layer plan (a LayerPlan dict) in a model of
+    `hidden` with n_kv kv heads of n_rep query heads (SmolLM2-135M by default): narrowed or removed heads,
+    factorised query/output projections and latent keys/values all counted as the runtime holds them."""
+    if lp.get("keep_kv") is not None and not lp["keep_kv"]:
+        return 0, 0
+    g = len(lp["keep_kv"]) if lp.get("keep_kv") else n_kv
+    nq = g * (len(lp["keep_rep"][0]) if lp.get("keep_rep") else n_rep)
+    qk, v = lp["qk_dim"], lp["v_dim"]
+    q = lp["rank_q"] * (hidden + nq * qk) if lp.get("rank_q") else hidden * nq * qk
+    o = lp["rank_o"] * (nq * v + hidden) if lp.get("rank_o") else nq * v * hidden
+    latent = lp.get("kind") == "palu"
+    k = lp["rank_k"] * (hidden + g * qk) if latent else hidden * g * qk
+    vv = lp["rank_v"] * (hidden + g * v) if latent else hidden * g * v
+    return q + k, vv + o
+
+
 def plot_plans(rec: dict, path: Path) -> Path:
-    """Kept qk and v width per layer for each strategy at budget 0.5 (or the first budget)."""
+    """Per layer and strategy at budget 0.5 (or the first budget): the query-key and the value-output
+    parameters kept, in units of the original head width (64 = everything kept), so narrowed heads, removed
+    heads and factorised projections read on one scale."""
     budgets = sorted({c["budget"] for c in rec["cells"].values()})
     b = 0.5 if 0.5 in budgets else budgets[0]
     cells = [c for c in rec["cells"].values() if c["budget"] == b]
     fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 4.2), squeeze=False, sharey=True)
+    full_qk, full_vo = side_params({"qk_dim": 64, "v_dim": 64})
     for ax, c in zip(axes[0], sorted(cells, key=lambda c: c["strategy"])):
         layers = c["plan"]
         L = range(len(layers))
-        heads = [(len(l["keep_kv"]) if l["keep_kv"] else 3) * (len(l["keep_rep"][0]) if l["keep_rep"] else 3)
-                 for l in layers]
-        ax.barh(L, [l["qk_dim"] * h / 9 for l, h in zip(layers, heads)], height=0.4, label="qk width x heads/9")
-        ax.barh([x + 0.4 for x in L], [l["v_dim"] * h / 9 for l, h in zip(layers, heads)], height=0.4,
-                label="v width x heads/9")
+        sides = [side_params(l) for l in layers]
+        ax.barh(L, [64 * a / full_qk for a, _ in sides], height=0.4, label="query-key params (x 64 / original)")
+        ax.barh([x + 0.4 for x in L], [64 * b_ / full_vo for _, b_ in sides], height=0.4,
+                label="value-output params (x 64 / original)")
         ax.axvline(64, color="k", lw=0.8)
         ax.set_title(c["strategy"])
         ax.set_xlabel("kept (original 64)")
