@@ -225,7 +225,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     r.save(out, overwrite=args.overwrite, command=command)
     g = Geometry.of(r.teacher)
     plot_plan_grid(r.plan.to_dict()["layers"], g.n_kv, g.n_rep, g.head_dim, out / "plan.png",
-                   f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}")
+                   f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}", hidden=g.hidden)
     m = r.metrics
     t, a = m["teacher"], m["after_distill"]
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")

@@ -236,21 +236,51 @@ def plot_compression(rec: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def side_params(lp: dict, hidden: int = 576, n_kv: int = 3, n_rep: int = 3) -> tuple[int, int]:
-    """(query + key, value + output) attention parameters of one layer plan (a LayerPlan dict) in a model of
-    `hidden` with n_kv kv heads of n_rep query heads (SmolLM2-135M by default): narrowed or removed heads,
-    factorised query/output projections and latent keys/values all counted as the runtime holds them."""
+def projection_params(lp: dict, hidden: int = 576, n_kv: int = 3, n_rep: int = 3) -> dict[str, int]:
+    """Weights of the q, k, v and o projections of one layer plan (a LayerPlan dict) in a model of `hidden` with
+    n_kv kv heads of n_rep query heads (SmolLM2-135M by default): narrowed or removed heads, factorised
+    query/output projections and latent keys/values counted as the runtime holds them (no biases)."""
     if lp.get("keep_kv") is not None and not lp["keep_kv"]:
-        return 0, 0
+        return {"q": 0, "k": 0, "v": 0, "o": 0}
     g = len(lp["keep_kv"]) if lp.get("keep_kv") else n_kv
     nq = g * (len(lp["keep_rep"][0]) if lp.get("keep_rep") else n_rep)
     qk, v = lp["qk_dim"], lp["v_dim"]
-    q = lp["rank_q"] * (hidden + nq * qk) if lp.get("rank_q") else hidden * nq * qk
-    o = lp["rank_o"] * (nq * v + hidden) if lp.get("rank_o") else nq * v * hidden
     latent = lp.get("kind") == "palu"
-    k = lp["rank_k"] * (hidden + g * qk) if latent else hidden * g * qk
-    vv = lp["rank_v"] * (hidden + g * v) if latent else hidden * g * v
-    return q + k, vv + o
+    return {"q": lp["rank_q"] * (hidden + nq * qk) if lp.get("rank_q") else hidden * nq * qk,
+            "k": lp["rank_k"] * (hidden + g * qk) if latent else hidden * g * qk,
+            "v": lp["rank_v"] * (hidden + g * v) if latent else hidden * g * v,
+            "o": lp["rank_o"] * (nq * v + hidden) if lp.get("rank_o") else nq * v * hidden}
+
+
+def side_params(lp: dict, hidden: int = 576, n_kv: int = 3, n_rep: int = 3) -> tuple[int, int]:
+    """(query + key, value + output) weights of one layer plan (see `projection_params`)."""
+    p = projection_params(lp, hidden, n_kv, n_rep)
+    return p["q"] + p["k"], p["v"] + p["o"]
+
+
+def plot_plan_projections(layers: list[dict], n_kv: int, n_rep: int, head_dim: int, hidden: int, path: Path,
+                          title: str = "") -> Path:
+    """Layers by projection (q, k, v, o): the fraction of each projection's weights kept, for plans with
+    factorised projections or latent keys/values (every head kept, so a heads-by-widths grid says nothing)."""
+    import numpy as np
+
+    full = projection_params({"qk_dim": head_dim, "v_dim": head_dim}, hidden, n_kv, n_rep)
+    frac = np.array([[projection_params(lp, hidden, n_kv, n_rep)[k] / full[k] for k in "qkvo"] for lp in layers])
+    fig, ax = plt.subplots(figsize=(5.0, 0.18 * len(layers) + 2.0))
+    im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=max(1.0, float(frac.max())), aspect="auto",
+                   interpolation="nearest")
+    for (i, j), f in np.ndenumerate(frac):
+        lp = layers[i]
+        r = {"q": lp.get("rank_q"), "k": lp.get("rank_k") if lp.get("kind") == "palu" else None,
+             "v": lp.get("rank_v") if lp.get("kind") == "palu" else None, "o": lp.get("rank_o")}["qkvo"[j]]
+        ax.text(j, i, f"r{r}" if r else "", ha="center", va="center", fontsize=5, color="w" if f < 0.6 else "k")
+    ax.set_xticks(range(4), ["query", "key", "value", "output"])
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the projection's weights kept")
+    ax.set_title((title or "Attention plan: projections kept per layer")
+                 + "\n(rN: factorised / latent at rank N; every head kept)", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def plot_plans(rec: dict, path: Path) -> Path:
@@ -344,10 +374,15 @@ def plan_grid(layers: list[dict], n_kv: int, n_rep: int) -> tuple[list[list[int]
     return qk, v
 
 
-def plot_plan_grid(layers: list[dict], n_kv: int, n_rep: int, head_dim: int, path: Path, title: str = "") -> Path:
+def plot_plan_grid(layers: list[dict], n_kv: int, n_rep: int, head_dim: int, path: Path, title: str = "",
+                   hidden: int | None = None) -> Path:
     """Layers by query heads, before (every head at `head_dim`) and after: kept qk width and v width
-    per head (blank: head removed); vertical lines separate kv groups."""
+    per head (blank: head removed); vertical lines separate kv groups. A plan with factorised projections
+    or latent keys/values is drawn by projection instead (`plot_plan_projections`, needs `hidden`)."""
     import numpy as np
+
+    if hidden and any(lp.get("rank_q") or lp.get("rank_o") or lp.get("kind", "heads") == "palu" for lp in layers):
+        return plot_plan_projections(layers, n_kv, n_rep, head_dim, hidden, path, title)
 
     qk, v = plan_grid(layers, n_kv, n_rep)
     before = np.full((len(layers), n_kv * n_rep), head_dim)
