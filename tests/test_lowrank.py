@@ -203,3 +203,36 @@ def test_plan_figure_counts_each_side_as_the_budget_does():
              LayerPlan(64, 64, keep_kv=[], keep_rep=[])]
     for lp in plans:
         assert sum(side_params(lp.to_dict())) == g.spec(lp).params(576)
+
+
+def test_output_factor_is_the_best_rank_r_map_of_the_teachers_head_outputs():
+    """A layer whose only change is rank_o reads the teacher's own head outputs z, so its output error
+    E|W_O z - W' z|^2 on the calibration text must equal the Eckart-Young tail of W_O E[zz^T]^{1/2} (scipy's
+    sqrtm; z recovered by a linear solve from the family attention's output, independent of our hooks)."""
+    import numpy as np
+    import scipy.linalg
+
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.reduce import attention_module, factor_weights, reduce_layer
+
+    m = tiny("llama-bias")
+    g = Geometry.of(m)
+    hd = g.head_dim
+    cal = collect(m, torch.randint(0, 300, (3, 16)))
+    output_moments(m, cal)
+    attn = m.model.layers[2].self_attn
+    W, b = attn.o_proj.weight.detach().double(), attn.o_proj.bias.detach().double()
+    with torch.no_grad():
+        ys = [attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0][0].double()
+              for X, pe in zip(cal.inputs[2], cal.positions)]
+    Z = torch.cat([torch.linalg.solve(W, (y - b).T).T for y in ys])
+    Cz = (Z.T @ Z / Z.shape[0]).numpy()
+    r = 5
+    spec, red = reduce_layer(adapter_for(m).weights(m, 2), cal.second_moment[2], LayerPlan(hd, hd, rank_o=r), g, 2,
+                             **factor_weights(cal, 2))
+    mod = attention_module(m.config.get_text_config(), spec, red, 2)
+    with torch.no_grad():
+        err = sum(float((mod(hidden_states=X, position_embeddings=pe, attention_mask=None)[0][0].double() - y)
+                        .square().sum()) for X, pe, y in zip(cal.inputs[2], cal.positions, ys)) / Z.shape[0]
+    s = np.linalg.svd(W.numpy() @ np.real(scipy.linalg.sqrtm(Cz)), compute_uv=False)
+    assert err == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-2)  # (float32 layer)

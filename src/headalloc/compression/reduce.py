@@ -168,7 +168,12 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
         C = None if M is None else M.double()[:-1, :-1]  # the bias stays on the up projection
         q, q_down = whitened_low_rank(red.q, C, int(lp.rank_q), sc.setdefault("q_whiten", {}))
     if lp.rank_o:
-        Cz = out_moment if out_moment is not None and out_moment.shape[0] == red.o.shape[1] else None
+        # the teacher's head-output moment applies when the reduced layer's output projection reads the teacher's
+        # head outputs: every head at full value width in the teacher's basis (heads kind, see _reduce_layer;
+        # palu and mla layers keep the teacher's output projection); otherwise plain SVD
+        same_basis = red.o.shape[1] == (out_moment.shape[0] if out_moment is not None else -1) and (
+            spec.kind != "heads" or (lp.keep_kv is None and lp.keep_rep is None and lp.v_dim == spec.v_dim))
+        Cz = out_moment if same_basis else None
         o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}),
                                       out_weight=out_weight)
     spec = HeadSpec.from_dict({**spec.to_dict(), "rank_q": int(lp.rank_q or 0), "rank_o": int(lp.rank_o or 0)})
@@ -286,9 +291,15 @@ def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g:
         if bq is not None:
             q_b += [bq[kv, h, idx] for h in keep_rep[j]]
     reps_all = [keep_rep[keep_kv.index(kv)] if kv in keep_kv else list(range(g.n_rep)) for kv in range(g.n_kv)]
-    vs, os_ = value_output_svd(w, M, g, lp.v_dim, keep_rep=reps_all, cache=cache)
-    v_full = torch.cat([vs[kv] for kv in keep_kv]).float()
-    o_cols = torch.cat([os_[kv][j] for kv in keep_kv for j in range(n_rep)], dim=1).float()
+    if lp.rank_o and lp.v_dim == hd and lp.keep_kv is None and lp.keep_rep is None:
+        # the output projection will be factorised whitened by the teacher's head outputs, so the values keep
+        # the teacher's own basis (the value-output SVD below would rotate each group's value coordinates)
+        v_full = torch.cat([f32(w.v), f32(w.v_bias)[:, None]], 1) if w.v_bias is not None else f32(w.v)
+        o_cols = f32(w.o)
+    else:
+        vs, os_ = value_output_svd(w, M, g, lp.v_dim, keep_rep=reps_all, cache=cache)
+        v_full = torch.cat([vs[kv] for kv in keep_kv]).float()
+        o_cols = torch.cat([os_[kv][j] for kv in keep_kv for j in range(n_rep)], dim=1).float()
     v_bias = v_full[:, -1].contiguous() if w.v_bias is not None else None
     spec = HeadSpec(len(keep_kv), n_rep, lp.qk_dim, lp.v_dim, pairs, w.scale, w.bias, w.q_norm is not None)
     red = AttentionWeights(q=torch.cat(q_rows), k=torch.cat(k_rows),
