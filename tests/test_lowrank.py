@@ -236,3 +236,23 @@ def test_output_factor_is_the_best_rank_r_map_of_the_teachers_head_outputs():
                         .square().sum()) for X, pe, y in zip(cal.inputs[2], cal.positions, ys)) / Z.shape[0]
     s = np.linalg.svd(W.numpy() @ np.real(scipy.linalg.sqrtm(Cz)), compute_uv=False)
     assert err == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-2)  # (float32 layer)
+
+
+def test_plain_output_factor_is_the_truncated_svd_of_the_weights():
+    """factor_output='plain': the output factor is numpy's truncated SVD of W_O (no calibration statistics)."""
+    import numpy as np
+
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.reduce import factor_weights, reduce_layer
+
+    m = tiny("llama")
+    g = Geometry.of(m)
+    hd = g.head_dim
+    cal = collect(m, torch.randint(0, 300, (3, 16)))
+    output_moments(m, cal)
+    cal.cache["factor_output"] = "plain"
+    w = adapter_for(m).weights(m, 1)
+    _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **factor_weights(cal, 1))
+    U, S, Vh = np.linalg.svd(w.o.detach().double().numpy())
+    want = (U[:, :4] * S[:4]) @ Vh[:4]
+    np.testing.assert_allclose((red.o.double() @ red.o_down.double()).numpy(), want, atol=1e-5)

@@ -230,8 +230,8 @@ def grad_moments(cal: Calibration, ridge: float = 1e-2) -> list[torch.Tensor] | 
 def factor_weights(cal: Calibration | None, layer: int) -> dict:
     """reduce_layer's keyword arguments for factorised projections of `layer` under the calibration's setting
     (`cal.cache["factor_output"]`: "input" whitens the output projection by the head outputs only, "fisher"
-    also weights its error by the gradient covariance)."""
-    if cal is None:
+    also weights its error by the gradient covariance, "plain" uses neither: truncated SVD of the weights)."""
+    if cal is None or cal.cache.get("factor_output", "input") == "plain":
         return {}
     outm = output_moments_cached(cal)
     kw = {"out_moment": None if outm is None else outm[layer]}

@@ -42,9 +42,10 @@ class CompressConfig:
     whiten_shrink: float = _f(0.0, "pull the calibration inputs' second moment toward isotropic by this fraction in [0, 1) "
                                    "before data-aware factorisations (0: as measured)", "calibration")
     factor_output: str = _f("input", "how a factorised output projection (rank_o, measured-lowrank) is fitted: to the "
-                                     "head outputs' second moment ('input'), or with its error also weighted by the "
+                                     "head outputs' second moment ('input'), with its error also weighted by the "
                                      "loss gradient's covariance at the attention output ('fisher': what the planners' "
-                                     "estimate measures)", "calibration", ("input", "fisher"))
+                                     "estimate measures), or from the weights alone ('plain' truncated SVD)",
+                            "calibration", ("input", "fisher", "plain"))
     calib_windows: int = _f(16, "calibration windows (planning and layer-local fitting)", "calibration")
     calib_length: int = _f(256, "tokens per calibration window", "calibration")
     # layer-local distillation
