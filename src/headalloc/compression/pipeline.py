@@ -95,7 +95,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 def _fit_key(cfg: CompressConfig) -> tuple:
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
-        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ())
+        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "fisher" else ())
 
 
 def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
