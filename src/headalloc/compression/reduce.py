@@ -233,16 +233,12 @@ def factor_weights(cal: Calibration | None, layer: int) -> dict:
     also weights its error by the gradient covariance, "plain" uses neither: truncated SVD of the weights)."""
     if cal is None or cal.cache.get("factor_output", "fisher") == "plain":
         return {}
-    outm = output_moments_cached(cal)
+    outm = cal.cache.get("out_moment")  # filled by output_moments
     kw = {"out_moment": None if outm is None else outm[layer]}
     if cal.cache.get("factor_output", "fisher") == "fisher":
         gm = grad_moments(cal)
         kw["out_weight"] = None if gm is None else gm[layer]
     return kw
-
-
-def output_moments_cached(cal: Calibration) -> list[torch.Tensor] | None:
-    return cal.cache.get("out_moment")
 
 
 def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
