@@ -256,3 +256,28 @@ def test_plain_output_factor_is_the_truncated_svd_of_the_weights():
     U, S, Vh = np.linalg.svd(w.o.detach().double().numpy())
     want = (U[:, :4] * S[:4]) @ Vh[:4]
     np.testing.assert_allclose((red.o.double() @ red.o_down.double()).numpy(), want, atol=1e-5)
+
+
+def test_whiten_shrink_pulls_the_output_factor_to_the_plain_one():
+    """whiten_shrink also applies to the head outputs' moment: shrunk all the way toward isotropic, the output
+    factor whitened by it is numpy's plain truncated SVD of W_O; unshrunk it differs from it."""
+    import numpy as np
+
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.reduce import factor_weights, reduce_layer
+
+    m = tiny("llama")
+    g = Geometry.of(m)
+    hd = g.head_dim
+    w = adapter_for(m).weights(m, 1)
+    U, S, Vh = np.linalg.svd(w.o.detach().double().numpy())
+    plain = (U[:, :4] * S[:4]) @ Vh[:4]
+    ids = torch.randint(0, 300, (3, 16))
+    gaps = {}
+    for alpha in (0.0, 1 - 1e-9):
+        cal = collect(m, ids)
+        cal.cache.update(factor_output="input", whiten_shrink=alpha)
+        output_moments(m, cal)
+        _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **factor_weights(cal, 1))
+        gaps[alpha] = float(np.abs((red.o.double() @ red.o_down.double()).numpy() - plain).max())
+    assert gaps[1 - 1e-9] < 1e-5 < gaps[0.0]

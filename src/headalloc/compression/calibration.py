@@ -83,3 +83,9 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
     n = count[0]
     return Calibration(windows=windows, second_moment=[m / n for m in mom], inputs=xs if keep is not False else None,
                        positions=pos if keep is not False else None, resid_sq=[r / n for r in resid], tokens=n)
+
+
+def shrink_moment(c: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) C + alpha (tr(C) / d) I: a second moment pulled toward the isotropic one of the same energy."""
+    d = c.shape[0]
+    return (1 - alpha) * c + alpha * float(torch.trace(c)) / d * torch.eye(d, dtype=c.dtype, device=c.device)

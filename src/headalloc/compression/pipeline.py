@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from headalloc.compression.calibration import Calibration, collect
+from headalloc.compression.calibration import Calibration, collect, shrink_moment
 from headalloc.compression.families import adapter_for
 from headalloc.compression.settings import CompressConfig, preset as make_preset
 from headalloc.compression.spec import Plan
@@ -89,6 +89,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
     cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse
     cal.cache["factor_output"] = cfg.factor_output
+    cal.cache["whiten_shrink"] = cfg.whiten_shrink  # also applied to the head outputs' moment (output_moments)
     return cal
 
 
@@ -103,9 +104,11 @@ def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
     s = tr(C) / d: the input covariance pulled toward the isotropic one of the same energy (a convex
     combination of positive semi-definite matrices, so still one), the constant entry kept at 1. Data-aware
     factorisations then also keep what the weights do in directions the calibration text rarely visits."""
-    d = m.shape[0] - 1
-    target = torch.diag(torch.cat([m.new_full((d,), float(torch.trace(m[:-1, :-1])) / d), m.new_ones(1)]))
-    return (1 - alpha) * m + alpha * target
+    out = m.clone()
+    out[:-1, :-1] = shrink_moment(m[:-1, :-1], alpha)
+    out[:-1, -1] *= 1 - alpha
+    out[-1, :-1] *= 1 - alpha
+    return out
 
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headalloc.compression.calibration import Calibration
+from headalloc.compression.calibration import Calibration, shrink_moment
 from headalloc.compression.families import AttentionWeights, adapter_for
 from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, make_attention)
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
@@ -183,7 +183,8 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
 @torch.no_grad()
 def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
     """Per layer: E[z z^T] of the teacher's output-projection input z (every head's output, concatenated) on
-    the calibration inputs (float64, CPU); None when the calibration kept no inputs. Cached on `cal`."""
+    the calibration inputs (float64, CPU), pulled toward isotropic by `cal.cache["whiten_shrink"]` when set; None
+    when the calibration kept no inputs. Cached on `cal`."""
     if cal.inputs is None or not all(cal.inputs):
         return None
     if "out_moment" not in cal.cache:
@@ -205,6 +206,8 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
             finally:
                 h.remove()
             out.append(acc / n)
+        if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
+            out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
         cal.cache["out_moment"] = out
     return cal.cache["out_moment"]
 

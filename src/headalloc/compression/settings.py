@@ -39,8 +39,9 @@ class CompressConfig:
                        ("corpus", "generated", "mixed"))
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     gen_prompt: int = _f(8, "tokens of --corpus that start each generated window", "calibration")
-    whiten_shrink: float = _f(0.0, "pull the calibration inputs' second moment toward isotropic by this fraction in [0, 1) "
-                                   "before data-aware factorisations (0: as measured)", "calibration")
+    whiten_shrink: float = _f(0.0, "pull the calibration inputs' (and head outputs') second moments toward isotropic "
+                                   "by this fraction in [0, 1) before data-aware factorisations (0: as measured)",
+                              "calibration")
     # "fisher" by measurement (session 9, measured-lowrank at budget 0.5, default settings): 1.12x / 1.60x / 1.80x
     # (Wikipedia / alice / pydoc) against 1.14x / 1.69x / 2.00x whitened by the head outputs alone
     factor_output: str = _f("fisher", "how a factorised output projection (rank_o, measured-lowrank) is fitted: to the "
