@@ -74,3 +74,26 @@ def tiny_folder(family, folder, dtype=torch.float32):
     model.save_pretrained(folder)
     tiny_tokenizer(folder)
     return folder
+
+
+def logits_without_headalloc(folder, ids: torch.Tensor, work, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A saved model's logits on `ids` (float32), computed in a fresh Python process where importing headalloc
+    fails: plain transformers with trust_remote_code=True, as a user without headalloc loads it. The process also
+    checks the loaded weights' dtype (`dtype`, when given) and that greedy generation runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = Path(work)
+    torch.save(ids, work / "ids.pt")
+    check = f"assert next(m.parameters()).dtype == torch.{str(dtype).split('.')[-1]}\n" if dtype is not None else ""
+    code = ("import sys, torch; sys.modules['headalloc'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype='auto')\n"
+            + check +
+            f"ids = torch.load({str(work / 'ids.pt')!r})\n"
+            f"torch.save(m(ids).logits.detach().float(), {str(work / 'out.pt')!r})\n"
+            "print(m.generate(ids, max_new_tokens=4, do_sample=False).shape)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(work / "out.pt")
