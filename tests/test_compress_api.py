@@ -241,3 +241,6 @@ def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp
     with pytest.raises(ValueError, match="other fitting text"):  # a shrunk second moment is another calibration
         headalloc.compress(model, tokenizer=tok, config=replace(cfg, whiten_shrink=0.2), calibration_data=cal,
                            progress=False)
+    with pytest.raises(ValueError, match="other fitting text"):  # so are moments pooled over more windows
+        headalloc.compress(model, tokenizer=tok, config=replace(cfg, moment_windows=3), calibration_data=cal,
+                           progress=False)

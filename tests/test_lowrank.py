@@ -269,3 +269,25 @@ def test_whiten_shrink_pulls_the_output_factor_to_the_plain_one():
         _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **factor_weights(cal, 1))
         gaps[alpha] = float(np.abs((red.o.double() @ red.o_down.double()).numpy() - plain).max())
     assert gaps[1 - 1e-9] < 1e-5 < gaps[0.0]
+
+
+def test_moments_over_more_windows_pool_the_calibration_and_fitting_windows():
+    """moment_windows: the whitening moments are those of the calibration windows and an evenly spaced subset of
+    the end-to-end windows together, checked against one collect() over all of those windows at once; the head
+    outputs' moment (hooked on o_proj in the model's forward) against output_moments' per-layer recomputation."""
+    from headalloc.compression.fit_text import fit_windows
+    from headalloc.compression.pipeline import calibration
+    from headalloc.compression.settings import preset
+
+    m = tiny("llama-bias")
+    tok = tiny_tokenizer()
+    tiny_cfg = dict(calib_windows=2, calib_length=16, kd_windows=5, kd_length=16, corpus="pydoc", fit_text="corpus")
+    cfg = preset("default", budget=0.5, strategy="measured-lowrank", moment_windows=3, **tiny_cfg)
+    cal = calibration(m, tok, cfg)
+    kd = fit_windows(m, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, False)
+    assert len(cal.windows) == 2  # the stored inputs stay the calibration windows'
+    both = torch.cat([cal.windows, kd[torch.tensor([0, 2, 4])]])
+    whole = collect(m, both, keep=True)
+    for l in range(3):
+        torch.testing.assert_close(cal.second_moment[l], whole.second_moment[l])
+        torch.testing.assert_close(output_moments(m, cal)[l], output_moments(m, whole)[l], atol=1e-6, rtol=1e-4)

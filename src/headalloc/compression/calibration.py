@@ -27,6 +27,7 @@ class Calibration:
     resid_sq: list[float]  # per layer: mean |h|^2 of the residual stream entering it
     tokens: int
     grads: list[list[torch.Tensor]] | None = None  # per layer, per window: dLoss/d(attention output)
+    out_moment: list[torch.Tensor] | None = None  # per layer: E[z z^T] of the output projection's input (outputs=True)
     cache: dict = field(default_factory=dict)  # strategies' measurements, keyed by what they depend on
 
     @property
@@ -40,9 +41,10 @@ class Calibration:
 
 @torch.no_grad()
 def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: int = 1,
-            progress: bool = False) -> Calibration:
+            progress: bool = False, outputs: bool = False) -> Calibration:
     """Teacher forward passes over `windows` (n, T) with hooks on every layer's attention input.
-    `keep`: store the inputs of every layer (True), of the listed layers, or none (False)."""
+    `keep`: store the inputs of every layer (True), of the listed layers, or none (False). `outputs`: also the
+    second moment of every layer's output-projection input (the concatenated head outputs), `out_moment`."""
     ad = adapter_for(model)
     cfg = model.config
     L, h = ad.n_layers(cfg), ad.hidden_size(cfg)
@@ -52,6 +54,7 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
     xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
     pos: list = []
     resid = [0.0] * L
+    zmom: list = [0.0] * L
     handles = []
 
     for i in range(L):
@@ -72,6 +75,11 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
                     pos.append(tuple(t.detach().clone() for t in kwargs.get("position_embeddings")))
         handles.append(layers[i].register_forward_pre_hook(layer_hook, with_kwargs=True))
         handles.append(ad.attention(model, i).register_forward_pre_hook(attn_hook, with_kwargs=True))
+        if outputs:
+            def out_hook(mod, args, i=i):
+                z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
+                zmom[i] = zmom[i] + z.T @ z
+            handles.append(ad.attention(model, i).o_proj.register_forward_pre_hook(out_hook))
     device = ad.embed(model).weight.device
     try:
         for s in tqdm(range(0, len(windows), batch), desc="calibration forward passes", disable=not progress,
@@ -82,7 +90,8 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
             hd.remove()
     n = count[0]
     return Calibration(windows=windows, second_moment=[m / n for m in mom], inputs=xs if keep is not False else None,
-                       positions=pos if keep is not False else None, resid_sq=[r / n for r in resid], tokens=n)
+                       positions=pos if keep is not False else None, resid_sq=[r / n for r in resid], tokens=n,
+                       out_moment=[z / n for z in zmom] if outputs else None)
 
 
 def shrink_moment(c: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -84,7 +84,20 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     from headalloc.compression.fit_text import fit_windows
 
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
-    cal = collect(teacher, w, keep=True, progress=progress)
+    cal = collect(teacher, w, keep=True, progress=progress, outputs=cfg.moment_windows > 0)
+    if cfg.moment_windows:
+        # the whitening statistics from more text: an evenly spaced subset of the end-to-end fitting windows (the
+        # same draw as kd_targets', so generated text is sampled once), pooled with the calibration windows'
+        kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
+        extra = collect(teacher, kd[torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long()],
+                        keep=False, progress=progress, outputs=True)
+        n = cal.tokens + extra.tokens
+        cal.second_moment = [(a * cal.tokens + b * extra.tokens) / n
+                             for a, b in zip(cal.second_moment, extra.second_moment)]
+        cal.cache["out_moment"] = [(a * cal.tokens + b * extra.tokens) / n
+                                   for a, b in zip(cal.out_moment, extra.out_moment)]
+        if cfg.whiten_shrink > 0:
+            cal.cache["out_moment"] = [shrink_moment(c, cfg.whiten_shrink) for c in cal.cache["out_moment"]]
     if cfg.whiten_shrink > 0:
         cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
     cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse
@@ -96,6 +109,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 def _fit_key(cfg: CompressConfig) -> tuple:
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
+        ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
         ((("factor_output", cfg.factor_output),) if cfg.factor_output != "fisher" else ())
 
 

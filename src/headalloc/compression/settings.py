@@ -42,6 +42,9 @@ class CompressConfig:
     whiten_shrink: float = _f(0.0, "pull the calibration inputs' (and head outputs') second moments toward isotropic "
                                    "by this fraction in [0, 1) before data-aware factorisations (0: as measured)",
                               "calibration")
+    moment_windows: int = _f(0, "end-to-end fitting windows whose statistics (layer inputs' and head outputs' second "
+                                "moments) are pooled with the calibration windows' to whiten the factorisations "
+                                "(0: the calibration windows only)", "calibration")
     # "fisher" by measurement (session 9, measured-lowrank at budget 0.5, default settings): 1.12x / 1.60x / 1.80x
     # (Wikipedia / alice / pydoc) against 1.14x / 1.69x / 2.00x whitened by the head outputs alone
     factor_output: str = _f("fisher", "how a factorised output projection (rank_o, measured-lowrank) is fitted: to the "
@@ -134,6 +137,8 @@ class CompressConfig:
         if not self.gen_temperature > 0 or self.gen_prompt < 1:
             raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
                              f"{self.gen_prompt}")
+        if self.moment_windows < 0:
+            raise ValueError(f"moment_windows must be >= 0 (0: the calibration windows only); got {self.moment_windows}")
         if not 0 <= self.whiten_shrink < 1:
             raise ValueError(f"whiten_shrink must be in [0, 1); got {self.whiten_shrink}")
         if self.kd_hidden < 0 or self.kd_anchor < 0:
