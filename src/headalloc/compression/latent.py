@@ -203,7 +203,7 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     base = g.spec(full_lp).cost(g.hidden, kind)
     delta = lambda lp: g.spec(lp).cost(g.hidden, kind) - base  # noqa: E731  (costs add across projections)
     rq, ro = rank_grid(g.hidden, nq, step), rank_grid(nq, g.hidden, step)
-    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "fisher"))
+    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"))
     if key not in cal.cache:
         output_moments(model, cal)
         e = np.zeros((g.n_layers, 2, max(len(rq), len(ro))))

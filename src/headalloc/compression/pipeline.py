@@ -110,7 +110,7 @@ def _fit_key(cfg: CompressConfig) -> tuple:
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
-        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "fisher" else ())
+        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ())
 
 
 def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:

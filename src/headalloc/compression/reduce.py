@@ -232,13 +232,13 @@ def grad_moments(cal: Calibration, ridge: float = 1e-2) -> list[torch.Tensor] | 
 
 def factor_weights(cal: Calibration | None, layer: int) -> dict:
     """reduce_layer's keyword arguments for factorised projections of `layer` under the calibration's setting
-    (`cal.cache["factor_output"]`, default "fisher" as the pipeline sets it: "input" whitens the output projection by the head outputs only, "fisher"
+    (`cal.cache["factor_output"]`, default "input" as the pipeline sets it: "input" whitens the output projection by the head outputs only, "fisher"
     also weights its error by the gradient covariance, "plain" uses neither: truncated SVD of the weights)."""
-    if cal is None or cal.cache.get("factor_output", "fisher") == "plain":
+    if cal is None or cal.cache.get("factor_output", "input") == "plain":
         return {}
     outm = cal.cache.get("out_moment")  # filled by output_moments
     kw = {"out_moment": None if outm is None else outm[layer]}
-    if cal.cache.get("factor_output", "fisher") == "fisher":
+    if cal.cache.get("factor_output", "input") == "fisher":
         gm = grad_moments(cal)
         kw["out_weight"] = None if gm is None else gm[layer]
     return kw

@@ -45,9 +45,10 @@ class CompressConfig:
     moment_windows: int = _f(0, "end-to-end fitting windows whose statistics (layer inputs' and head outputs' second "
                                 "moments) are pooled with the calibration windows' to whiten the factorisations "
                                 "(0: the calibration windows only)", "calibration")
-    # "fisher" by measurement (session 9, measured-lowrank at budget 0.5, default settings): 1.12x / 1.60x / 1.80x
-    # (Wikipedia / alice / pydoc) against 1.14x / 1.69x / 2.00x whitened by the head outputs alone
-    factor_output: str = _f("fisher", "how a factorised output projection (rank_o, measured-lowrank) is fitted: to the "
+    # "input" by measurement (session 9 runs, measured-lowrank at budget 0.5, default settings; logs in docs/results):
+    # 1.12x / 1.60x / 1.80x (Wikipedia / alice / pydoc) against 1.14x / 1.69x / 2.00x with the Fisher weight
+    # (session 9's notes had the two swapped, and made "fisher" the default on that; corrected in session 10)
+    factor_output: str = _f("input", "how a factorised output projection (rank_o, measured-lowrank) is fitted: to the "
                                      "head outputs' second moment ('input'), with its error also weighted by the "
                                      "loss gradient's covariance at the attention output ('fisher': what the planners' "
                                      "estimate measures), or from the weights alone ('plain' truncated SVD)",
