@@ -63,15 +63,16 @@ class Slowed(torch.nn.Module):
 
 def test_speed_runs_side_by_side_and_measures_time():
     """Decode tok/s is bounded by the time each step is known to take: a model slowed by 100 ms per call
-    decodes at most 10 tok/s, and more slowly than the same model unslowed, measured in the same run (a
-    tiny model's step takes about a millisecond, so this holds on a busy machine too; an absolute speed
-    floor for the unslowed model did not: it failed once with five jobs sharing 2 cores)."""
+    decodes at most 10 tok/s and prefills at most 640 tok/s, whatever the machine's load. (Neither an absolute
+    floor for the unslowed model nor "slower than the unslowed model" holds on a loaded machine: the first
+    failed once with five jobs sharing 2 cores, the second in session 10's CI run beside two compressions.)"""
     t, s = models()
     res = speed({"a": t, "b": s, "slow": Slowed(t, 0.1)}, torch.randint(0, 80, (1, 64)), contexts=(32, 64),
                 new_tokens=3, repeats=1, progress=False)
     assert set(res) == {"a", "b", "slow"}
     assert res["slow"]["64"]["decode_tok_s"] <= 10
-    assert res["slow"]["64"]["decode_tok_s"] < res["a"]["64"]["decode_tok_s"]
+    # (no ordering between the slowed and the plain model: on a loaded CI machine a plain step can take longer
+    # than the 0.1 s delay; the bounds above hold whatever the load, as the delay is a sleep inside each call)
     assert res["slow"]["64"]["prefill_tok_s"] <= 64 / 0.1
 
 
@@ -105,7 +106,6 @@ def test_batched_decode_from_a_repeated_cache_matches_single_sequence_decode():
         res = speed({"m": m, "slow": Slowed(m, 0.1)}, ids, contexts=(20,), new_tokens=2, repeats=1,
                     progress=False, batch=3)
         assert res["slow"]["20"]["decode_tok_s"] <= 3 / 0.1  # 3 tokens a step
-        assert res["slow"]["20"]["decode_tok_s"] < res["m"]["20"]["decode_tok_s"]
 
 
 def test_batched_decode_traffic_shares_the_weights():
