@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from headalloc.compression.calibration import Calibration, collect, shrink_moment
+from headalloc.compression.calibration import Calibration, collect
 from headalloc.compression.families import adapter_for
 from headalloc.compression.settings import CompressConfig, preset as make_preset
 from headalloc.compression.spec import Plan
@@ -94,10 +94,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         n = cal.tokens + extra.tokens
         cal.second_moment = [(a * cal.tokens + b * extra.tokens) / n
                              for a, b in zip(cal.second_moment, extra.second_moment)]
-        cal.cache["out_moment"] = [(a * cal.tokens + b * extra.tokens) / n
-                                   for a, b in zip(cal.out_moment, extra.out_moment)]
-        if cfg.whiten_shrink > 0:
-            cal.cache["out_moment"] = [shrink_moment(c, cfg.whiten_shrink) for c in cal.cache["out_moment"]]
+        cal.out_moment = [(a * cal.tokens + b * extra.tokens) / n for a, b in zip(cal.out_moment, extra.out_moment)]
     if cfg.whiten_shrink > 0:
         cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
     cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse

@@ -183,11 +183,13 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
 @torch.no_grad()
 def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
     """Per layer: E[z z^T] of the teacher's output-projection input z (every head's output, concatenated) on
-    the calibration inputs (float64, CPU), pulled toward isotropic by `cal.cache["whiten_shrink"]` when set; None
-    when the calibration kept no inputs. Cached on `cal`."""
+    the calibration inputs (float64, CPU; `cal.out_moment` when the calibration collected it), pulled toward
+    isotropic by `cal.cache["whiten_shrink"]` when set; None when the calibration kept no inputs. Cached on `cal`."""
     if cal.inputs is None or not all(cal.inputs):
         return None
-    if "out_moment" not in cal.cache:
+    if "out_moment" not in cal.cache and cal.out_moment is not None:
+        out = list(cal.out_moment)
+    elif "out_moment" not in cal.cache:
         ad = adapter_for(model)
         out = []
         for l in range(ad.n_layers(model.config)):
@@ -206,6 +208,7 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
             finally:
                 h.remove()
             out.append(acc / n)
+    if "out_moment" not in cal.cache:
         if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
             out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
         cal.cache["out_moment"] = out
