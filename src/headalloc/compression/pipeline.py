@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from headalloc.compression.calibration import Calibration, collect
+from headalloc.compression.calibration import Calibration, collect, shrink_moment
 from headalloc.compression.families import adapter_for
 from headalloc.compression.settings import CompressConfig, preset as make_preset
 from headalloc.compression.spec import Plan
