@@ -39,6 +39,23 @@ class Calibration:
         return len(self.windows)
 
 
+class InputMoment:
+    """A forward pre-hook that sums z^T z over the rows of a module's first input (float64, on the CPU):
+    the second moment of what an output projection reads, `moment()` = the sum over the rows seen."""
+
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+
+    def __call__(self, mod, args) -> None:
+        z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
+        self.sum = z.T @ z if self.sum is None else self.sum + z.T @ z
+        self.rows += z.shape[0]
+
+    def moment(self) -> torch.Tensor:
+        return self.sum / self.rows
+
+
 @torch.no_grad()
 def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: int = 1,
             progress: bool = False, outputs: bool = False) -> Calibration:
@@ -54,7 +71,7 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
     xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
     pos: list = []
     resid = [0.0] * L
-    zmom: list = [0.0] * L
+    zmom = [InputMoment() for _ in range(L)] if outputs else []
     handles = []
 
     for i in range(L):
@@ -76,10 +93,7 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
         handles.append(layers[i].register_forward_pre_hook(layer_hook, with_kwargs=True))
         handles.append(ad.attention(model, i).register_forward_pre_hook(attn_hook, with_kwargs=True))
         if outputs:
-            def out_hook(mod, args, i=i):
-                z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
-                zmom[i] = zmom[i] + z.T @ z
-            handles.append(ad.attention(model, i).o_proj.register_forward_pre_hook(out_hook))
+            handles.append(ad.attention(model, i).o_proj.register_forward_pre_hook(zmom[i]))
     device = ad.embed(model).weight.device
     try:
         for s in tqdm(range(0, len(windows), batch), desc="calibration forward passes", disable=not progress,
@@ -91,7 +105,7 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
     n = count[0]
     return Calibration(windows=windows, second_moment=[m / n for m in mom], inputs=xs if keep is not False else None,
                        positions=pos if keep is not False else None, resid_sq=[r / n for r in resid], tokens=n,
-                       out_moment=[z / n for z in zmom] if outputs else None)
+                       out_moment=[z.moment() for z in zmom] if outputs else None)
 
 
 def shrink_moment(c: torch.Tensor, alpha: float) -> torch.Tensor:

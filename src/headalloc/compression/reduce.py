@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headalloc.compression.calibration import Calibration, shrink_moment
+from headalloc.compression.calibration import Calibration, InputMoment, shrink_moment
 from headalloc.compression.families import AttentionWeights, adapter_for
 from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, make_attention)
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
@@ -194,20 +194,14 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
         out = []
         for l in range(ad.n_layers(model.config)):
             attn = ad.attention(model, l)
-            acc, n = None, 0
-
-            def hook(mod, args):
-                nonlocal acc, n
-                z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
-                acc = z.T @ z if acc is None else acc + z.T @ z
-                n += z.shape[0]
-            h = attn.o_proj.register_forward_pre_hook(hook)
+            acc = InputMoment()
+            h = attn.o_proj.register_forward_pre_hook(acc)
             try:
                 for X, pe in zip(cal.inputs[l], cal.positions):
                     attn(hidden_states=X, position_embeddings=pe, attention_mask=None)
             finally:
                 h.remove()
-            out.append(acc / n)
+            out.append(acc.moment())
     if "out_moment" not in cal.cache:
         if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
             out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
