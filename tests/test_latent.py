@@ -14,6 +14,14 @@ from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 from headalloc.compression.strategies import make_plan
 
 
+def _one_token_at_a_time(model, ids, start):
+    """Logits of positions start.. decoded one token per call from a cache of the prefix (the decode path)."""
+    cache = DynamicCache(config=model.config.text_config)
+    model(ids[:, :start], past_key_values=cache, use_cache=True)
+    return torch.stack([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, 0]
+                        for t in range(start, ids.shape[1])], 1)
+
+
 def _latent(g, rk, rv):
     return LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
 
@@ -34,6 +42,9 @@ def test_full_rank_latents_are_the_family_model_and_cache_correctly(family):
         a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
         b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
         torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)  # keys rebuilt from cached latents
+        # one token per step reads values in the latent (absorbed): against HF's model at full rank, and low rank
+        torch.testing.assert_close(_one_token_at_a_time(st, ids, 4), want[:, 4:], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(_one_token_at_a_time(low, ids, 4), ref[:, 4:], atol=2e-5, rtol=1e-4)
     assert low.kv_cache_bytes_per_token(1) == g.n_layers * (8 + 16)
 
 
@@ -95,6 +106,9 @@ def test_mla_layers_with_every_pair_and_full_rank_are_the_family_model(family):
         a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
         b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
         torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)
+        # one token per step: MLA's absorbed form (keys' non-rotary part and values never rebuilt)
+        torch.testing.assert_close(_one_token_at_a_time(full, ids, 4), m(ids).logits[:, 4:], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(_one_token_at_a_time(low, ids, 4), ref[:, 4:], atol=2e-5, rtol=1e-4)
     assert low.kv_cache_bytes_per_token(1) == 3 * (g.n_kv * 2 * 2 + 12)
     assert HeadSpec.from_dict(low.config.attn_layers[0]).kv_size() == g.n_kv * 4 + 12
 

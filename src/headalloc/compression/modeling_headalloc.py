@@ -282,6 +282,16 @@ class ReducedAttention(nn.Module):
         return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim))
 
 
+def _absorbed_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, n_kv: int, v_dim: int) -> torch.Tensor:
+    """Attention-weighted values without rebuilding them: probs (B, n_kv, n_rep, S) over cached latents
+    (B, S, r) give (probs @ latent) (B, n_kv, n_rep, r), then each kv head's block of the up projection
+    (v = c W_up^T + b, and the weights of one query sum to 1, so the bias is added once)."""
+    pc = torch.matmul(probs.to(latent.dtype), latent[:, None])  # (B, n_kv, n_rep, r)
+    w = up.weight.view(n_kv, v_dim, -1)  # (n_kv, v_dim, r)
+    out = torch.einsum("bgjr,gdr->bgjd", pc, w)
+    return out if up.bias is None else out + up.bias.view(1, n_kv, 1, v_dim)
+
+
 class LatentAttention(ReducedAttention):
     """Palu-style attention: queries as the original; keys and values each through a low-rank latent,
     c_k = x A_k (rank_k) and c_v = x A_v (rank_v), which is what the cache holds; at every step all cached
@@ -313,8 +323,10 @@ class LatentAttention(ReducedAttention):
         if past_key_values is not None:
             ck, cv = past_key_values.update(ck, cv, self.layer_idx)
         S = ck.shape[2]
+        decode = T == 1 and attention_mask is None and not self.training
+        if decode and self.sliding_window is not None and S > self.sliding_window:
+            ck, cv, S = ck[:, :, -self.sliding_window:], cv[:, :, -self.sliding_window:], self.sliding_window
         k = self.k_up(ck[:, 0]).view(B, S, self.n_kv, self.qk_dim).transpose(1, 2)
-        v = self.v_up(cv[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
         if S != T:  # rotary positions of every cached key
             if self._rotary is None:
                 raise RuntimeError("LatentAttention needs the decoder's rotary embedding for cached keys")
@@ -322,6 +334,13 @@ class LatentAttention(ReducedAttention):
             pos = (torch.arange(S, device=k.device) + (seen - S))[None].expand(B, S)  # a sliding cache keeps the last S
             cos, sin = self._rotary(k, pos)
         k = k * cos[:, None].to(k.dtype) + rotate_half(k) * sin[:, None].to(k.dtype)
+        if decode:  # one new token: values are read in the latent (never rebuilt), keys must be (rotary)
+            qg = q.reshape(B, self.n_kv, self.n_rep, self.qk_dim)
+            scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scaling  # (B, n_kv, n_rep, S)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            out = _absorbed_values(probs, cv[:, 0], self.v_up, self.n_kv, self.v_dim)
+            return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim).to(q.dtype)), None
+        v = self.v_up(cv[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
         return self._attend(q, k, v, attention_mask, kwargs)
 
 
@@ -365,10 +384,29 @@ class MLAAttention(ReducedAttention):
         if past_key_values is not None:
             kr, c = past_key_values.update(kr, c, self.layer_idx)
         S = c.shape[2]
+        if T == 1 and attention_mask is None and not self.training:
+            return self._decode_absorbed(q, kr, c[:, 0], B), None
         kn = self.k_up(c[:, 0]).view(B, S, self.n_kv, self.qk_dim - self.p2).transpose(1, 2)
         v = self.v_up(c[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
         k = torch.cat([kr, kn], -1)
         return self._attend(q, k, v, attention_mask, kwargs)
+
+
+    def _decode_absorbed(self, q, kr, c, B: int) -> torch.Tensor:
+        """One new query token, MLA's absorbed form: nothing is rebuilt from the latent c (B, S, rank). The
+        non-rotary query part goes through the key up projection, q_n . (c W_uk^T + b) = (q_n W_uk) . c + q_n . b,
+        whose bias term is the same for every cached token and so leaves the softmax unchanged; values as
+        in `_absorbed_values`. Scores: rotary part against the cached rotated keys kr plus the latent part."""
+        if self.sliding_window is not None and c.shape[1] > self.sliding_window:
+            kr, c = kr[:, :, -self.sliding_window:], c[:, -self.sliding_window:]
+        qg = q.reshape(B, self.n_kv, self.n_rep, self.qk_dim)
+        qr, qn = qg[..., : self.p2], qg[..., self.p2:]
+        w_uk = self.k_up.weight.view(self.n_kv, self.qk_dim - self.p2, self.rank)
+        qa = torch.einsum("bgjd,gdr->bgjr", qn, w_uk)  # (B, n_kv, n_rep, rank)
+        scores = torch.matmul(qr, kr.transpose(-1, -2)) + torch.matmul(qa, c[:, None].transpose(-1, -2))
+        probs = torch.softmax(scores * self.scaling, dim=-1, dtype=torch.float32)
+        out = _absorbed_values(probs, c, self.v_up, self.n_kv, self.v_dim)
+        return self.o_proj(out.reshape(B, 1, self.n_q * self.v_dim).to(q.dtype))
 
 
 def make_attention(text_config, spec: dict, layer_idx: int) -> nn.Module:

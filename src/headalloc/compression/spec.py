@@ -71,12 +71,15 @@ class HeadSpec:
         return self.n_kv_heads * (self.qk_dim + self.v_dim)
 
     def context_flops(self) -> int:
-        """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head (palu: plus
-        rebuilding every cached key and value from its latent at each step)."""
-        rebuild = 2 * self.n_kv_heads * (self.rank_k * self.qk_dim + self.rank_v * self.v_dim) if self.kind == "palu" else 0
+        """FLOPs per token per key attended when decoding: scores (q . k) and mixing (p v) of every query head.
+        palu: every cached key is rebuilt from its latent (rotary positions come after the up projection), the
+        values are mixed in the latent (absorbed: p c, then one up projection per step); mla: absorbed, scores
+        against the kept rotary part and the latent, values mixed in the latent."""
+        if self.kind == "palu":
+            return 2 * self.n_heads * (self.qk_dim + self.rank_v) + 2 * self.n_kv_heads * self.rank_k * self.qk_dim
         if self.kind == "mla":
-            rebuild = 2 * self.rank * self.n_kv_heads * (self.qk_dim - 2 * self.rope_keep + self.v_dim)
-        return 2 * self.n_heads * (self.qk_dim + self.v_dim) + rebuild
+            return 2 * self.n_heads * (2 * self.rope_keep + 2 * self.rank)
+        return 2 * self.n_heads * (self.qk_dim + self.v_dim)
 
     def cost(self, hidden: int, kind: str) -> int:
         """What a budget counts: "params" or "kv"."""
