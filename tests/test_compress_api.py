@@ -86,7 +86,8 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help():
 @pytest.mark.parametrize("flag,value,message", [("--budget", "2", "budget must be a fraction"),
                                                 ("--kd-steps", "-3", "kd_steps must be >= 0"),
                                                 ("--distill-steps", "-1", "distill_steps must be >= 0"),
-                                                ("--eval-length", "1", "eval_length must be >= 2")])
+                                                ("--eval-length", "1", "eval_length must be >= 2"),
+                                                ("--gen-prompt", "-1", "gen_prompt >= 0")])
 def test_bad_settings_fail_before_any_work(flag, value, message, capsys, tmp_path):
     assert main(["compress", flag, value, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
@@ -170,6 +171,10 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
     assert all(tuple(row[:4].tolist()) in starts for row in w)  # prompts from the corpus, the rest sampled
     other = generated_windows(model, tok, "pydoc", n=3, length=20, seed=1, prompt=4, progress=False)
     assert not torch.equal(w[:, 4:], other[:, 4:])
+    free = generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=0, progress=False)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert free.shape == (3, 20) and (free[:, 0] == start).all()  # unconditional: one start token, then samples
+    assert len({tuple(r.tolist()) for r in free}) == 3
     r = headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
                            **{**TINY, "fit_text": "mixed"})
     assert r.metrics["end_to_end"]["windows"] == TINY["kd_windows"]

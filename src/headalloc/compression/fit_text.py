@@ -2,7 +2,9 @@
 
 "generated": each window starts with `prompt` tokens of the corpus (train split) and continues with
 what the original model samples at `temperature` (its own distribution: data-free distillation in
-the spirit of generating the teacher's text; the prompts only vary the topics). Sampled once per
+the spirit of generating the teacher's text; the prompts only vary the topics). `prompt` 0: no corpus
+text at all, every window starts from the tokenizer's BOS token (else its EOS, the usual document
+separator) and is the model's unconditional sample. Sampled once per
 setting and cached on disk (next to the converted models), so other strategies and budgets reuse
 them. "mixed": half corpus windows, half generated.
 """
@@ -32,12 +34,17 @@ def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: in
 @torch.no_grad()
 def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int, prompt: int = 8,
                       temperature: float = 1.0, batch: int = 16, progress: bool = True) -> torch.Tensor:
-    """(n, length) token windows: `prompt` corpus tokens, then the teacher's samples (no early stop)."""
+    """(n, length) token windows: `prompt` corpus tokens (0: one BOS/EOS token), then the teacher's samples
+    (no early stop)."""
     from headalloc.assets import token_windows
     from headalloc.io import atomic_write_bytes
 
-    if length <= prompt:
-        raise ValueError(f"generated windows need length > prompt; got length {length}, prompt {prompt}")
+    if length <= max(prompt, 1):
+        raise ValueError(f"generated windows need length > prompt (and > 1); got length {length}, prompt {prompt}")
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prompt == 0 and start is None:
+        raise ValueError("unconditional samples (gen_prompt 0) start from the tokenizer's BOS or EOS token, and this "
+                         "tokenizer has neither; use gen_prompt >= 1 (corpus tokens start each window)")
     path = _cache_path(teacher, corpus, n, length, seed, prompt, temperature)
     if path.exists():
         try:
@@ -46,7 +53,9 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
                 return torch.from_numpy(arr)
         except (OSError, ValueError):
             pass  # damaged: sample again
-    prompts = token_windows(tok, corpus, "train", prompt, n, seed=seed + 7)
+    prompts = token_windows(tok, corpus, "train", prompt, n, seed=seed + 7) if prompt else \
+        torch.full((n, 1), start, dtype=torch.long)
+    width = prompts.shape[1]
     device = teacher.get_input_embeddings().weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = []
@@ -55,7 +64,7 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         p = prompts[s:s + batch].to(device)
         out = teacher.generate(p, attention_mask=torch.ones_like(p), do_sample=True, temperature=temperature,
-                               top_k=0, top_p=1.0, max_new_tokens=length - prompt, min_new_tokens=length - prompt,
+                               top_k=0, top_p=1.0, max_new_tokens=length - width, min_new_tokens=length - width,
                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
         rows.append(out[:, :length].cpu())
     arr = torch.cat(rows)

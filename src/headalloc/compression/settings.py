@@ -38,7 +38,9 @@ class CompressConfig:
                                  "('generated'), or half of each ('mixed')", "calibration",
                        ("corpus", "generated", "mixed"))
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
-    gen_prompt: int = _f(8, "tokens of --corpus that start each generated window", "calibration")
+    gen_prompt: int = _f(8, "tokens of --corpus that start each generated window (0: none, the samples start from "
+                         "the tokenizer's BOS token, else its EOS: the model's own unconditional distribution)",
+                         "calibration")
     whiten_shrink: float = _f(0.0, "pull the calibration inputs' (and head outputs') second moments toward isotropic "
                                    "by this fraction in [0, 1) before data-aware factorisations (0: as measured)",
                               "calibration")
@@ -135,9 +137,9 @@ class CompressConfig:
                              f"a kind nothing is fitted on (drop it from --heldout, or 'none')")
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"heldout {self.heldout!r} names a text twice")
-        if not self.gen_temperature > 0 or self.gen_prompt < 1:
-            raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 1; got {self.gen_temperature}, "
-                             f"{self.gen_prompt}")
+        if not self.gen_temperature > 0 or self.gen_prompt < 0:
+            raise ValueError(f"gen_temperature must be > 0 and gen_prompt >= 0 (0: unconditional samples); got "
+                             f"{self.gen_temperature}, {self.gen_prompt}")
         if self.moment_windows < 0:
             raise ValueError(f"moment_windows must be >= 0 (0: the calibration windows only); got {self.moment_windows}")
         if not 0 <= self.whiten_shrink < 1:
