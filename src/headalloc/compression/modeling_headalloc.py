@@ -309,7 +309,7 @@ class LatentAttention(ReducedAttention):
         self.k_up = nn.Linear(self.rank_k, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
         self.v_down = nn.Linear(hidden, self.rank_v, bias=False)
         self.v_up = nn.Linear(self.rank_v, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
-        self.decode_fast_path = False
+        self.decode_fast_path = True  # one-token decode reads values in the latent (False: rebuild them)
         self._rotary = None  # the decoder's rotary embedding, set by HeadallocForCausalLM (not a submodule)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
@@ -323,7 +323,7 @@ class LatentAttention(ReducedAttention):
         if past_key_values is not None:
             ck, cv = past_key_values.update(ck, cv, self.layer_idx)
         S = ck.shape[2]
-        decode = T == 1 and attention_mask is None and not self.training
+        decode = T == 1 and attention_mask is None and not self.training and self.decode_fast_path
         if decode and self.sliding_window is not None and S > self.sliding_window:
             ck, cv, S = ck[:, :, -self.sliding_window:], cv[:, :, -self.sliding_window:], self.sliding_window
         k = self.k_up(ck[:, 0]).view(B, S, self.n_kv, self.qk_dim).transpose(1, 2)
@@ -364,7 +364,7 @@ class MLAAttention(ReducedAttention):
         self.kv_down = nn.Linear(hidden, self.rank, bias=False)
         self.k_up = nn.Linear(self.rank, self.n_kv * (self.qk_dim - self.p2), bias=bool(bias.get("k")))
         self.v_up = nn.Linear(self.rank, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
-        self.decode_fast_path = False
+        self.decode_fast_path = True  # one-token decode in the absorbed form (False: rebuild keys and values)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
@@ -384,7 +384,7 @@ class MLAAttention(ReducedAttention):
         if past_key_values is not None:
             kr, c = past_key_values.update(kr, c, self.layer_idx)
         S = c.shape[2]
-        if T == 1 and attention_mask is None and not self.training:
+        if T == 1 and attention_mask is None and not self.training and self.decode_fast_path:
             return self._decode_absorbed(q, kr, c[:, 0], B), None
         kn = self.k_up(c[:, 0]).view(B, S, self.n_kv, self.qk_dim - self.p2).transpose(1, 2)
         v = self.v_up(c[:, 0]).view(B, S, self.n_kv, self.v_dim).transpose(1, 2)
