@@ -187,9 +187,11 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
     isotropic by `cal.cache["whiten_shrink"]` when set; None when the calibration kept no inputs. Cached on `cal`."""
     if cal.inputs is None or not all(cal.inputs):
         return None
-    if "out_moment" not in cal.cache and cal.out_moment is not None:
+    if "out_moment" in cal.cache:
+        return cal.cache["out_moment"]
+    if cal.out_moment is not None:
         out = list(cal.out_moment)
-    elif "out_moment" not in cal.cache:
+    else:
         ad = adapter_for(model)
         out = []
         for l in range(ad.n_layers(model.config)):
@@ -202,10 +204,9 @@ def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
             finally:
                 h.remove()
             out.append(acc.moment())
-    if "out_moment" not in cal.cache:
-        if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
-            out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
-        cal.cache["out_moment"] = out
+    if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
+        out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
+    cal.cache["out_moment"] = out
     return cal.cache["out_moment"]
 
 

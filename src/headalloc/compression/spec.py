@@ -70,14 +70,15 @@ class HeadSpec:
             return self.n_kv_heads * 2 * self.rope_keep + self.rank
         return self.n_kv_heads * (self.qk_dim + self.v_dim)
 
-    def context_flops(self) -> int:
-        """FLOPs per token per key attended when decoding: scores (q . k) and mixing (p v) of every query head.
-        palu: every cached key is rebuilt from its latent (rotary positions come after the up projection), the
-        values are mixed in the latent (absorbed: p c, then one up projection per step); mla: absorbed, scores
-        against the kept rotary part and the latent, values mixed in the latent."""
-        if self.kind == "palu":
+    def context_flops(self, decode: bool = True) -> int:
+        """FLOPs per token per key attended: scores (q . k) and mixing (p v) of every query head. Decoding
+        (`decode`), palu: every cached key is rebuilt from its latent (rotary positions come after the up
+        projection) and the values are mixed in the latent (absorbed: p c, then one up projection per step);
+        mla: absorbed, scores against the kept rotary part and the latent, values mixed in the latent. A prefill
+        rebuilds each key and value once, through weights the dense count already has, then attends at full width."""
+        if decode and self.kind == "palu":
             return 2 * self.n_heads * (self.qk_dim + self.rank_v) + 2 * self.n_kv_heads * self.rank_k * self.qk_dim
-        if self.kind == "mla":
+        if decode and self.kind == "mla":
             return 2 * self.n_heads * (2 * self.rope_keep + 2 * self.rank)
         return 2 * self.n_heads * (self.qk_dim + self.v_dim)
 

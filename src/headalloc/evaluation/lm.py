@@ -36,7 +36,8 @@ def counts(model, context: int = 1024, batch: int = 1) -> dict:
     tc = model.config.get_text_config()
     specs = student_specs(model)
     attn_p = sum(s.params(tc.hidden_size) for s in specs)
-    attn_ctx = sum(s.context_flops() for s in specs)  # per key: scores and mixing
+    attn_ctx = sum(s.context_flops() for s in specs)  # per key: scores and mixing (decode)
+    prefill_ctx = sum(s.context_flops(decode=False) for s in specs)
     kv = sum(s.kv_size() for s in specs)
     total = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
@@ -53,7 +54,7 @@ def counts(model, context: int = 1024, batch: int = 1) -> dict:
         "kv_bytes_per_token_fp16": kv * 2,
         "attention_flops_per_token": 2 * attn_p + attn_ctx * context,
         "decode_flops_per_token": dense + attn_ctx * context,  # one new token attending to `context` keys
-        "prefill_flops_per_token": dense + attn_ctx * (context + 1) / 2,
+        "prefill_flops_per_token": dense + prefill_ctx * (context + 1) / 2,
         # decode on a CPU is bound by memory traffic: every weight is read once per step (shared by the
         # `batch` sequences of the step) and each sequence's whole KV cache once per new token (GQA reads
         # each kv head once however many query heads share it)
