@@ -291,3 +291,35 @@ def test_moments_over_more_windows_pool_the_calibration_and_fitting_windows():
     for l in range(3):
         torch.testing.assert_close(cal.second_moment[l], whole.second_moment[l])
         torch.testing.assert_close(output_moments(m, cal)[l], output_moments(m, whole)[l], atol=1e-6, rtol=1e-4)
+
+
+def test_one_teacher_pass_gives_the_moments_and_those_windows_distillation_targets():
+    """With moment_windows, the calibration's forward passes over the fitting windows also give their top-k
+    targets: kd_targets then runs the teacher only on the other windows, and its targets equal teacher_topk's
+    over every window (one window at a time); no more forward passes than windows in all."""
+    from headalloc.compression.distill import merge_topk, teacher_topk
+    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.settings import preset
+
+    m = tiny("llama-bias")
+    tok = tiny_tokenizer()
+    cfg = preset("default", budget=0.5, strategy="measured-lowrank", moment_windows=3, calib_windows=2,
+                 calib_length=16, kd_windows=5, kd_length=16, kd_topk=8, corpus="pydoc", fit_text="corpus")
+    rows = []
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)
+    try:
+        cal = calibration(m, tok, cfg)
+        assert sum(rows) == 2 + 3  # calibration windows + the moment windows
+        rows.clear()
+        w, got = kd_targets(m, tok, cfg, cal, progress=False)
+        assert sum(rows) == 5 - 3  # only the windows the calibration pass did not run
+    finally:
+        hook.remove()
+    ref = teacher_topk(m, w, k=8, progress=False, batch=1)
+    assert torch.equal(got["ids"], ref["ids"])
+    torch.testing.assert_close(got["probs"], ref["probs"])
+    torch.testing.assert_close(got["tail"], ref["tail"])
+    assert got["mass"] == pytest.approx(ref["mass"])
+    with pytest.raises(ValueError, match="cover"):
+        merge_topk(5, [(torch.tensor([0, 1]), ref)])

@@ -58,10 +58,12 @@ class InputMoment:
 
 @torch.no_grad()
 def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: int = 1,
-            progress: bool = False, outputs: bool = False) -> Calibration:
+            progress: bool = False, outputs: bool = False, on_logits=None) -> Calibration:
     """Teacher forward passes over `windows` (n, T) with hooks on every layer's attention input.
     `keep`: store the inputs of every layer (True), of the listed layers, or none (False). `outputs`: also the
-    second moment of every layer's output-projection input (the concatenated head outputs), `out_moment`."""
+    second moment of every layer's output-projection input (the concatenated head outputs), `out_moment`.
+    `on_logits`: called with each batch's output logits (e.g. `TopKTargets`, so one pass also gives the
+    distillation targets)."""
     ad = adapter_for(model)
     cfg = model.config
     L, h = ad.n_layers(cfg), ad.hidden_size(cfg)
@@ -98,7 +100,9 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
     try:
         for s in tqdm(range(0, len(windows), batch), desc="calibration forward passes", disable=not progress,
                       leave=False):
-            model(input_ids=windows[s:s + batch].to(device))
+            out = model(input_ids=windows[s:s + batch].to(device))
+            if on_logits is not None:
+                on_logits(out.logits)
     finally:
         for hd in handles:
             hd.remove()

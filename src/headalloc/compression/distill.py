@@ -93,6 +93,45 @@ def distill_layerwise(teacher, student, cal: Calibration, steps: int = 50, lr: f
             "inputs": inputs}
 
 
+class TopKTargets:
+    """Accumulates the teacher's top-k next-token probabilities from logits (batch, T, vocab), renormalised over
+    the k tokens, and the probability left outside them; `result()` is `teacher_topk`'s dict. Can be fed by
+    any teacher forward pass (e.g. the calibration pass that also gathers the whitening moments)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.ids, self.probs, self.tail = [], [], []
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        top = torch.softmax(logits.float(), -1).topk(self.k, dim=-1)
+        values, indices = top.values.cpu(), top.indices.cpu()
+        kept = values.sum(-1, keepdim=True)
+        self.tail.append((1 - kept[..., 0]).clamp_min(0))
+        self.ids.append(indices)
+        self.probs.append(values / kept)
+
+    def result(self) -> dict:
+        tail = torch.cat(self.tail)
+        return {"ids": torch.cat(self.ids), "probs": torch.cat(self.probs), "tail": tail,
+                "mass": float(1 - tail.mean()), "k": self.k}
+
+
+def merge_topk(n: int, parts: list[tuple[torch.Tensor, dict]]) -> dict:
+    """One `teacher_topk` dict for n windows from parts, each (window indices, its targets); together the
+    indices must cover every window once."""
+    parts = [(i, t) for i, t in parts if len(i)]
+    covered = torch.cat([i for i, _ in parts]).sort().values
+    if not torch.equal(covered, torch.arange(n)):
+        raise ValueError(f"the parts' window indices must cover 0..{n - 1} once each")
+    out = {}
+    for key in ("ids", "probs", "tail"):
+        first = parts[0][1][key]
+        out[key] = first.new_empty((n,) + tuple(first.shape[1:]))
+        for i, t in parts:
+            out[key][i] = t[key]
+    return {**out, "mass": float(1 - out["tail"].mean()), "k": parts[0][1]["k"]}
+
+
 @torch.no_grad()
 def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = True, batch: int = 4) -> dict:
     """The teacher's top-k next-token probabilities on every position of `windows` (n, T), renormalised
@@ -100,19 +139,11 @@ def teacher_topk(teacher, windows: torch.Tensor, k: int = 32, progress: bool = T
     teacher forward. `batch` windows per forward (the full-vocabulary logits of a batch are the peak memory).
     Returns {"ids": (n, T, k) int64, "probs": (n, T, k), "tail": (n, T) probability outside the top k,
     "mass": mean top-k mass}."""
-    ids, probs, tail = [], [], []
+    acc = TopKTargets(k)
     device = adapter_for(teacher).embed(teacher).weight.device
     for s in tqdm(range(0, len(windows), batch), desc="teacher top-k", disable=not progress, leave=False):
-        p = torch.softmax(teacher(input_ids=windows[s:s + batch].to(device)).logits.float(), -1)
-        top = p.topk(k, dim=-1)
-        del p
-        values, indices = top.values.cpu(), top.indices.cpu()
-        kept = values.sum(-1, keepdim=True)
-        tail.append((1 - kept[..., 0]).clamp_min(0))
-        ids.append(indices)
-        probs.append(values / kept)
-    tail = torch.cat(tail)
-    return {"ids": torch.cat(ids), "probs": torch.cat(probs), "tail": tail, "mass": float(1 - tail.mean()), "k": k}
+        acc(teacher(input_ids=windows[s:s + batch].to(device)).logits)
+    return acc.result()
 
 
 def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,

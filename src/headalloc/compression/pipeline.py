@@ -81,16 +81,20 @@ def heldout_ratios(metrics: dict) -> dict[str, float]:
 
 
 def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Calibration:
+    from headalloc.compression.distill import TopKTargets
     from headalloc.compression.fit_text import fit_windows
 
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
     cal = collect(teacher, w, keep=True, progress=progress, outputs=cfg.moment_windows > 0)
     if cfg.moment_windows:
         # the whitening statistics from more text: an evenly spaced subset of the end-to-end fitting windows (the
-        # same draw as kd_targets', so generated text is sampled once), pooled with the calibration windows'
+        # same draw as kd_targets', so generated text is sampled once), pooled with the calibration windows'.
+        # The same forward passes give those windows' top-k distillation targets (kd_targets computes the rest)
         kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
-        extra = collect(teacher, kd[torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long()],
-                        keep=False, progress=progress, outputs=True)
+        idx = torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long().unique()
+        top = TopKTargets(cfg.kd_topk)
+        extra = collect(teacher, kd[idx], keep=False, progress=progress, outputs=True, on_logits=top)
+        cal.cache[_kd_key(cfg) + ("part",)] = (idx, top.result())
         n = cal.tokens + extra.tokens
         cal.second_moment = [(a * cal.tokens + b * extra.tokens) / n
                              for a, b in zip(cal.second_moment, extra.second_moment)]
@@ -125,15 +129,25 @@ def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
     """Training-split windows for end-to-end distillation (a draw separate from the calibration
     windows) and the teacher's top-k targets on them; cached on the calibration so strategies share them."""
-    from headalloc.compression.distill import teacher_topk
+    from headalloc.compression.distill import merge_topk, teacher_topk
     from headalloc.compression.fit_text import fit_windows
 
-    key = ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.kd_windows, cfg.kd_length,
-           cfg.kd_topk, cfg.seed)
+    key = _kd_key(cfg)
     if key not in cal.cache:
         w = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
-        cal.cache[key] = (w, teacher_topk(teacher, w, cfg.kd_topk, progress))
+        # windows whose targets the calibration pass already computed (moment_windows) are not run again
+        done, part = cal.cache.pop(key + ("part",), (torch.zeros(0, dtype=torch.long), None))
+        rest = torch.ones(len(w), dtype=torch.bool)
+        rest[done] = False
+        rest = rest.nonzero()[:, 0]
+        parts = [(done, part)] + ([(rest, teacher_topk(teacher, w[rest], cfg.kd_topk, progress))] if len(rest) else [])
+        cal.cache[key] = (w, merge_topk(len(w), parts))
     return cal.cache[key]
+
+
+def _kd_key(cfg: CompressConfig) -> tuple:
+    return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.kd_windows, cfg.kd_length,
+            cfg.kd_topk, cfg.seed)
 
 
 def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressConfig, progress: bool = False) -> dict:
