@@ -69,8 +69,29 @@ def test_strategy_registry_is_what_the_cli_offers():
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
     action = next(a for a in sub._actions if a.dest == "strategy")
-    assert list(action.choices) == list(STRATEGIES) == ["uniform", "depth", "prune-heads", "measured", "palu",
+    assert list(action.choices) == ["auto", *STRATEGIES] and list(STRATEGIES) == ["uniform", "depth", "prune-heads", "measured", "palu",
                                                         "measured-latent", "measured-lowrank", "mha2mla"]
+
+
+def test_auto_picks_by_budget_kind_target_and_family():
+    """The default strategy "auto" gives exactly the plan of the strategy it names for the setting (made
+    independently by name), and the plan records the concrete strategy and that it was picked."""
+    from families import tiny as tiny_family
+
+    from headalloc.compression.settings import CompressConfig
+
+    assert CompressConfig().strategy == "auto"
+    model = tiny()
+    data = collect(model, torch.randint(0, 100, (3, 24)))
+    for kind, target, expect in (("params", "any", "measured-lowrank"), ("kv", "any", "measured-latent"),
+                                 ("params", "llamacpp", "measured")):
+        plan = make_plan(model, "auto", 0.5, data, kind, step=4, target=target)
+        ref = make_plan(model, expect, 0.5, data, kind, step=4, target=target)
+        assert plan.strategy == expect and plan.info["picked_by"] == "auto"
+        assert list(plan) == list(ref), (kind, target)
+    q3 = tiny_family("qwen3")  # per-head q/k norms: no latent keys, so a KV budget goes to measured
+    data = collect(q3, torch.randint(0, 100, (2, 16)))
+    assert make_plan(q3, "auto", 0.5, data, "kv", step=4).strategy == "measured"
 
 
 def test_bad_budget_strategy_and_family_fail_before_work(capsys):

@@ -225,7 +225,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     r.save(out, overwrite=args.overwrite, command=command)
     g = Geometry.of(r.teacher)
     plot_plan_grid(r.plan.to_dict()["layers"], g.n_kv, g.n_rep, g.head_dim, out / "plan.png",
-                   f"{cfg.model}: {cfg.strategy} plan at {cfg.budget_kind} budget {cfg.budget}", hidden=g.hidden)
+                   f"{cfg.model}: {r.plan.strategy} plan at {cfg.budget_kind} budget {cfg.budget}", hidden=g.hidden)
     m = r.metrics
     t, a = m["teacher"], m["after_distill"]
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
@@ -383,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_sweep)
 
-    from headalloc.compression.strategies import STRATEGIES
+    from headalloc.compression.strategies import AUTO, AUTO_DESCRIPTION, STRATEGIES
     from headalloc.compression.settings import PRESETS, add_config_args
 
-    strategies = "; ".join(f"{k}: {v.description.rstrip('.')}" for k, v in STRATEGIES.items())
+    strategies = "; ".join([f"{AUTO} (default): {AUTO_DESCRIPTION}"] +
+                           [f"{k}: {v.description.rstrip('.')}" for k, v in STRATEGIES.items()])
     p = sub.add_parser("compress", help="compress a model's attention to a budget, distil, save a loadable folder",
                        description="Compress the attention of a LLaMA, Mistral, Qwen2, Qwen3 or Phi-3 model to a "
                                    "budget. Strategies: " + strategies)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="named settings that the flags below override (default: default)")
     p.add_argument("--quick", action="store_true", help="the quick preset: smaller calibration, distillation, "
                                                         "evaluation")
-    add_config_args(p, choices={"strategy": list(STRATEGIES)})
+    add_config_args(p, choices={"strategy": [AUTO, *STRATEGIES]})
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("evaluate", help="perplexity, counts, KV bytes, FLOPs and speed against a reference")

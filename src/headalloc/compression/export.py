@@ -68,7 +68,9 @@ def model_card(record: dict) -> str:
     lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- headalloc",
              "- attention-compression", "---", "",
              f"# {Path(str(base)).name}, attention compressed by headalloc", "",
-             f"Strategy **{plan.get('strategy')}** at {plan.get('budget_kind')} budget **{plan.get('budget')}** "
+             f"Strategy **{plan.get('strategy')}**"
+             + (" (picked by `auto`)" if plan.get("picked_by") == "auto" else "")
+             + f" at {plan.get('budget_kind')} budget **{plan.get('budget')}** "
              f"of the original attention" + (f", for the `{plan['target']}` runtime" if plan.get("target", "any") != "any"
                                              else "") + ".", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

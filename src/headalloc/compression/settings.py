@@ -21,7 +21,9 @@ class CompressConfig:
     # what to compress
     model: str = _f("smollm2", "the packaged 'smollm2' or a local Hugging Face folder of a supported family", "model")
     budget: float = _f(0.5, "fraction in (0, 1] of the original attention parameters (or KV-cache bytes)", "plan")
-    strategy: str = _f("measured", "where to cut (see `headalloc compress --help` for each)", "plan")
+    # "auto" since session 12 (was "measured"): picks by budget kind, target and family (strategies.auto_strategy)
+    strategy: str = _f("auto", "where to cut (see `headalloc compress --help` for each; 'auto': the best measured "
+                               "for the budget kind, target and family)", "plan")
     budget_kind: str = _f("params", "what the budget counts: attention parameters or KV-cache bytes per token",
                           "plan", ("params", "kv"))
     target: str = _f("any", "where the compressed model will run: 'any' (headalloc's runtime: any per-layer head "

@@ -66,11 +66,32 @@ def strategy(name: str, needs_calibration: bool = True, latent: bool = False):
     return deco
 
 
+AUTO = "auto"
+AUTO_DESCRIPTION = ("the best measured strategy for the budget kind, target and family: measured-lowrank under a "
+                    "parameter budget, measured-latent under a KV budget, measured (head counts) for llama.cpp or "
+                    "for a KV budget on a family with per-head q/k norms")
+
+
+def auto_strategy(model, kind: str = "params", target: str | Target = "any") -> str:
+    """The strategy `auto` (the default) stands for, by measurement on SmolLM2 at budget 0.5 (default settings;
+    Wikipedia / alice / pydoc ratios to the original; docs/compression.md): under a parameter budget
+    measured-lowrank (1.10x / 1.45x / 1.62x; measured, which narrows or removes heads: 1.25x / 2.14x / 2.43x);
+    under a KV budget measured-latent (1.04x / 1.24x / 1.35x; Palu 1.07x / 1.27x / 1.43x). Where the target keeps
+    every head's width (llama.cpp) or keys cannot go through a latent (per-head q/k norms) under a KV budget:
+    measured."""
+    t = get_target(target) if isinstance(target, str) else target
+    if t.widths_fixed:
+        return "measured"
+    if kind == "kv":
+        return "measured" if Geometry.of(model).qk_norm else "measured-latent"
+    return "measured-lowrank"
+
+
 def check_budget(budget: float, strategy_name: str, kind: str = "params") -> None:
     if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"budget must be a fraction in (0, 1] of the original; got {budget!r}")
-    if strategy_name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy_name != AUTO and strategy_name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy_name!r}; choose one of {', '.join([AUTO, *STRATEGIES])}")
     if kind not in BUDGET_KINDS:
         raise ValueError(f"budget kind must be one of {BUDGET_KINDS}; got {kind!r}")
 
@@ -454,15 +475,21 @@ def _measured_choice(g: Geometry, dims, e_qk, e_v, budget, kind, extra=None):
 def make_plan(model, strategy_name: str, budget: float, calibration: Calibration | None = None, kind: str = "params",
               step: int = 8, progress: bool = False, target: str = "any") -> Plan:
     """The plan of `strategy_name` at `budget` for `model` (calibration: from `calibration.collect`), choosing
-    only what `target`'s runtime runs (`targets.TARGETS`)."""
+    only what `target`'s runtime runs (`targets.TARGETS`). "auto": the strategy `auto_strategy` picks (the plan
+    names it; its info says it was picked)."""
     check_budget(budget, strategy_name, kind)
     t = get_target(target)
+    picked = strategy_name == AUTO
+    if picked:
+        strategy_name = auto_strategy(model, kind, t)
     s = STRATEGIES[strategy_name]
     if s.needs_calibration and (calibration is None or calibration.inputs is None):
         raise ValueError(f"strategy {strategy_name!r} needs calibration data with the layer inputs kept")
     layers, info = s.fn(model, budget, kind, step, calibration=calibration, progress=progress, target=t)
     g = Geometry.of(model)
     t.check([g.spec(lp).to_dict() for lp in layers], g.head_dim)  # (rope pairs: all kept at full width)
+    if picked:
+        info = {**info, "picked_by": AUTO}
     return Plan(layers, strategy_name, budget, kind, info, target)
 
 
