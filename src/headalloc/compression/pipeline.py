@@ -153,11 +153,11 @@ def _kd_key(cfg: CompressConfig) -> tuple:
 def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressConfig, progress: bool = False) -> dict:
     """The original's validation perplexity and counts, measured once per calibration (every strategy and
     budget that shares it reuses them)."""
-    from headalloc.evaluation.lm import counts, perplexity
+    from headalloc.evaluation.lm import cached_perplexity, counts
 
     key = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)
     if key not in cal.cache:
-        cal.cache[key] = {**perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
+        cal.cache[key] = {**cached_perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
     return cal.cache[key]
 
 
@@ -197,7 +197,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     from headalloc.compression.distill import distill_end_to_end, distill_layerwise
     from headalloc.compression.reduce import Geometry, cast_parameters, compress_model
     from headalloc.compression.strategies import make_plan
-    from headalloc.evaluation.lm import counts, perplexity
+    from headalloc.evaluation.lm import cached_perplexity, counts, perplexity
 
     given_model = model_or_path is not None and not isinstance(model_or_path, (str, os.PathLike))
     over = {k: v for k, v in dict(budget=budget, strategy=strategy, **settings).items() if v is not None}
@@ -284,7 +284,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         for k, w in ho.items():
             hkey = ("teacher_heldout", k, cfg.heldout_windows, cfg.eval_length, cfg.seed)
             if hkey not in cal.cache:
-                cal.cache[hkey] = perplexity(teacher, w, progress, desc=f"original '{k}' ppl")
+                cal.cache[hkey] = cached_perplexity(teacher, w, progress, desc=f"original '{k}' ppl")
             metrics["heldout"][k].update(teacher=cal.cache[hkey],
                                          after=perplexity(student, w, progress, desc=f"compressed '{k}' ppl"))
         metrics["evaluation"] = {"corpus": cfg.corpus, "split": "validation", "windows": cfg.eval_windows,

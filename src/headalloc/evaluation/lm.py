@@ -25,6 +25,36 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = 
     return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
 
 
+def cached_perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> dict:
+    """`perplexity`, kept on disk (under the cache folder) for a model that does not change between runs: the
+    original's perplexities on the evaluation windows are the same in every run, so only the first pays them.
+    Keyed by the model's config, the sum of its weights, dtype and device type and the windows' tokens."""
+    import hashlib
+    import json
+
+    from headalloc.assets.models import cache_dir, model_identity
+    from headalloc.io import atomic_write_json, read_json
+
+    p = next(model.parameters())
+    ident = json.dumps({**model_identity(model), "dtype": str(p.dtype), "device": p.device.type,
+                        "windows": hashlib.sha1(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest(),
+                        "shape": list(windows.shape)}, sort_keys=True, default=str)
+    path = cache_dir() / "perplexity" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        try:
+            got = read_json(path)
+            if set(got) == {"ppl", "nll", "tokens"}:
+                return got
+        except (OSError, ValueError):
+            pass  # damaged: measure again
+    got = perplexity(model, windows, progress, desc)
+    try:
+        atomic_write_json(path, got)
+    except OSError:
+        pass  # a read-only cache folder costs only the time
+    return got
+
+
 def counts(model, context: int = 1024, batch: int = 1) -> dict:
     """Parameters, KV-cache bytes per token (model dtype and fp16) and FLOPs per token at `context`;
     `batch` sequences decoded together share one read of the weights (memory-traffic prediction).
