@@ -164,6 +164,11 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
     assert w.shape == (3, 20) and list((tmp_path / "cache" / "generated").glob("*.npy"))
     again = generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=4, progress=False)
     assert torch.equal(w, again)
+    two = generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=4, batch=2, progress=False)
+    assert torch.equal(two, generated_windows(model, tok, "pydoc", n=3, length=20, seed=0, prompt=4, batch=2,
+                                              progress=False))
+    assert len(list((tmp_path / "cache" / "generated").glob("*.npy"))) == 2  # other batches, other draws
+    assert torch.equal(two[:, :4], w[:, :4]) and not torch.equal(two, w)
     from headalloc.assets.corpus import load_corpus, tokenize_split
 
     ids = tokenize_split(tok, load_corpus("pydoc"), "train").tolist()

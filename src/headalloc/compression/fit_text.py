@@ -20,19 +20,22 @@ import torch
 from tqdm.auto import tqdm
 
 
-def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: int, temperature: float):
+def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: int, temperature: float, batch: int):
     from headalloc.assets.models import cache_dir, model_identity
 
     ident = json.dumps({**model_identity(teacher, all_weights=False), "corpus": corpus, "n": n, "length": length,
-                        "seed": seed, "prompt": prompt, "t": temperature}, sort_keys=True, default=str)
+                        "seed": seed, "prompt": prompt, "t": temperature,
+                        # batches of 16 (the only size before session 13) keep the key their samples were cached at
+                        **({"batch": batch} if batch != 16 else {})}, sort_keys=True, default=str)
     return cache_dir() / "generated" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.npy"
 
 
 @torch.no_grad()
 def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int, prompt: int = 8,
-                      temperature: float = 1.0, batch: int = 16, progress: bool = True) -> torch.Tensor:
+                      temperature: float = 1.0, batch: int = 64, progress: bool = True) -> torch.Tensor:
     """(n, length) token windows: `prompt` corpus tokens (0: one BOS/EOS token), then the teacher's samples
-    (no early stop)."""
+    (no early stop), `batch` sequences sampled together (the draws depend on it, so it is part of the cache
+    key)."""
     from headalloc.assets import token_windows
     from headalloc.io import atomic_write_bytes
 
@@ -42,7 +45,7 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
     if prompt == 0 and start is None:
         raise ValueError("unconditional samples (gen_prompt 0) start from the tokenizer's BOS or EOS token, and this "
                          "tokenizer has neither; use gen_prompt >= 1 (corpus tokens start each window)")
-    path = _cache_path(teacher, corpus, n, length, seed, prompt, temperature)
+    path = _cache_path(teacher, corpus, n, length, seed, prompt, temperature, batch)
     if path.exists():
         try:
             arr = np.load(path, allow_pickle=False)
@@ -88,6 +91,6 @@ def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: boo
         parts.append(token_windows(tok, cfg.corpus, "train", length, n - n_gen, seed=seed))
     if n_gen:
         parts.append(generated_windows(teacher, tok, cfg.corpus, n_gen, length, seed, cfg.gen_prompt,
-                                       cfg.gen_temperature, progress=progress))
+                                       cfg.gen_temperature, cfg.gen_batch, progress=progress))
     w = torch.cat(parts)
     return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))]

@@ -108,7 +108,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
 
 def _fit_key(cfg: CompressConfig) -> tuple:
-    return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature) + \
+    return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
         ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ())
@@ -146,8 +146,8 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
 
 
 def _kd_key(cfg: CompressConfig) -> tuple:
-    return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.kd_windows, cfg.kd_length,
-            cfg.kd_topk, cfg.seed)
+    return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch, cfg.kd_windows,
+            cfg.kd_length, cfg.kd_topk, cfg.seed)
 
 
 def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressConfig, progress: bool = False) -> dict:
