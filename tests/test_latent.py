@@ -61,6 +61,15 @@ def test_whitened_factorisation_is_the_best_rank_r_map_for_the_data():
         err = float(torch.trace(E @ C @ E.T))
         s = np.linalg.svd(W.numpy() @ np.real(scipy.linalg.sqrtm(C.numpy())), compute_uv=False)
         assert err == pytest.approx(float((s[r:] ** 2).sum()), rel=1e-4)
+    # one cache serves every rank and several maps: the same factors as without it, never another map's
+    cache: dict = {}
+    W2 = torch.tensor(rng.standard_normal((12, 20)))
+    for r in (4, 1, 9):
+        for M in (W, W2, W):
+            up, down = whitened_low_rank(M, C, r, cache)
+            up0, down0 = whitened_low_rank(M, C, r)
+            assert torch.equal(up, up0) and torch.equal(down, down0)
+    assert len(cache["svd"]) == 2
 
 
 @pytest.mark.parametrize("strategy", ["palu", "measured-latent"])

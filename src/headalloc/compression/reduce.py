@@ -329,8 +329,16 @@ def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_c
             Cs, Cis = _sym_sqrt(C.double().cpu())
             if sqrt_cache is not None:
                 sqrt_cache["sqrt"] = (Cs, Cis)
-        U, S, Vh = torch.linalg.svd(W @ Cs, full_matrices=False)
-        down = Vh @ Cis
+        # candidates of one layer differ only in rank: one SVD per map serves them all (kept beside the
+        # moment's square root, checked against the map itself so another map never gets a stale one)
+        svds = sqrt_cache.setdefault("svd", []) if sqrt_cache is not None else []
+        hit = next((f for Wc, *f in svds if Wc.shape == W.shape and torch.equal(Wc, W)), None)
+        if hit is None:
+            U, S, Vh = torch.linalg.svd(W @ Cs, full_matrices=False)
+            hit = (U, S, Vh @ Cis)
+            if sqrt_cache is not None:
+                svds.append((W.clone(), *hit))
+        U, S, down = hit
     r = min(rank, S.numel())
     s = S[:r].sqrt()
     up, down = U[:, :r] * s, s[:, None] * down[:r]
