@@ -62,6 +62,8 @@ def test_out_is_never_a_foreign_folder_and_overwrite_is_opt_in(bf16_folder, tmp_
     assert main(args + ["--out", str(afile)]) == 2 and "existing file" in capsys.readouterr().err
     ours = tmp_path / "ours"
     assert main(args + ["--out", str(ours)]) == 0 and (ours / "headalloc.json").exists()
+    said = capsys.readouterr().out
+    assert "time: " in said and " s (of which fitting text " in said  # where the minutes went
     assert main(args + ["--out", str(ours)]) == 2 and "--overwrite" in capsys.readouterr().err
     stamp = (ours / "headalloc.json").stat().st_mtime_ns
     assert main(args + ["--out", str(ours), "--overwrite"]) == 0

@@ -237,6 +237,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"{h['windows']} windows of {h['length']})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
+    secs = {k: m.get(f"seconds_{k}") for k in ("fit_text", "plan", "layerwise", "distill", "total")}
+    if secs["total"] is not None:
+        parts = [f"plan {secs['plan']:.0f} s" + (f" (of which fitting text {secs['fit_text']:.0f} s)"
+                                                 if secs["fit_text"] else "")]
+        if secs["distill"] is not None:
+            parts.append(f"distillation {secs['distill']:.0f} s" + (f" (layer-local {secs['layerwise']:.0f} s)"
+                                                                    if secs["layerwise"] is not None else ""))
+        print(f"time: {secs['total'] / 60:.1f} min: " + ", ".join(parts) + ", the rest evaluation")
     if cfg.target == "llamacpp":
         print(f"for llama.cpp: headalloc export-gguf {out} {out}.gguf")
     return 0

@@ -84,13 +84,17 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     from headalloc.compression.distill import TopKTargets
     from headalloc.compression.fit_text import fit_windows
 
+    t = time.time()
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
+    kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress) \
+        if cfg.moment_windows else None
+    fit_seconds = time.time() - t  # the fitting text: tokenising, or sampling it from the original (once per setting)
     cal = collect(teacher, w, keep=True, progress=progress, outputs=cfg.moment_windows > 0)
+    cal.cache["seconds_fit_text"] = fit_seconds
     if cfg.moment_windows:
         # the whitening statistics from more text: an evenly spaced subset of the end-to-end fitting windows (the
         # same draw as kd_targets', so generated text is sampled once), pooled with the calibration windows'.
         # The same forward passes give those windows' top-k distillation targets (kd_targets computes the rest)
-        kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
         idx = torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long().unique()
         top = TopKTargets(cfg.kd_topk)
         extra = collect(teacher, kd[idx], keep=False, progress=progress, outputs=True, on_logits=top)
@@ -242,6 +246,8 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)
     metrics["seconds_plan"] = time.time() - t0
+    if calibration_data is None:  # of which drawing the fitting text (sampling it once per setting, then cached)
+        metrics["seconds_fit_text"] = cal.cache.get("seconds_fit_text")
     if evaluate:
         metrics["before_distill"] = perplexity(student, ev, progress, desc="compressed ppl (before distillation)")
         if ho:  # keyed by text: {"alice": {"corpus", "windows", "length", "before", "teacher", "after"}, ...}
