@@ -31,7 +31,16 @@ def model_identity(model, all_weights: bool = True) -> dict:
     cfg = model.config.to_dict()
     params = model.parameters() if all_weights else [next(model.parameters())]
     return {"cfg": {k: cfg.get(k) for k in sorted(cfg) if k not in ("_name_or_path",)},
-            "w": float(sum(p.detach().double().sum() for p in params))}
+            "w": float(sum(float(p.detach().sum(dtype=torch.float64)) for p in params))}
+
+
+def cache_file(kind: str, ident: dict, suffix: str) -> Path:
+    """The cache file for what `ident` (JSON-able) identifies: <cache>/<kind>/<hash of ident><suffix>."""
+    import hashlib
+    import json
+
+    key = json.dumps(ident, sort_keys=True, default=str)
+    return cache_dir() / kind / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}{suffix}"
 
 
 def package_dir(package: str, install: str) -> Path:

@@ -11,9 +11,7 @@ them. "mixed": half corpus windows, half generated.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 
 import numpy as np
 import torch
@@ -21,13 +19,13 @@ from tqdm.auto import tqdm
 
 
 def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: int, temperature: float, batch: int):
-    from headalloc.assets.models import cache_dir, model_identity
+    from headalloc.assets.models import cache_file, model_identity
 
-    ident = json.dumps({**model_identity(teacher, all_weights=False), "corpus": corpus, "n": n, "length": length,
-                        "seed": seed, "prompt": prompt, "t": temperature,
-                        # batches of 16 (the only size before session 13) keep the key their samples were cached at
-                        **({"batch": batch} if batch != 16 else {})}, sort_keys=True, default=str)
-    return cache_dir() / "generated" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.npy"
+    return cache_file("generated", {**model_identity(teacher, all_weights=False), "corpus": corpus, "n": n,
+                                    "length": length, "seed": seed, "prompt": prompt, "t": temperature,
+                                    # batches of 16 (the only size before session 13) keep the key their samples
+                                    # were cached at
+                                    **({"batch": batch} if batch != 16 else {})}, ".npy")
 
 
 @torch.no_grad()

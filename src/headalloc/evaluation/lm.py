@@ -30,20 +30,18 @@ def cached_perplexity(model, windows: torch.Tensor, progress: bool = True, desc:
     original's perplexities on the evaluation windows are the same in every run, so only the first pays them.
     Keyed by the model's config, the sum of its weights, dtype and device type and the windows' tokens."""
     import hashlib
-    import json
 
-    from headalloc.assets.models import cache_dir, model_identity
+    from headalloc.assets.models import cache_file, model_identity
     from headalloc.io import atomic_write_json, read_json
 
     p = next(model.parameters())
-    ident = json.dumps({**model_identity(model), "dtype": str(p.dtype), "device": p.device.type,
-                        "windows": hashlib.sha1(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest(),
-                        "shape": list(windows.shape)}, sort_keys=True, default=str)
-    path = cache_dir() / "perplexity" / f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}.json"
+    tokens = hashlib.sha1(windows.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
+    path = cache_file("perplexity", {**model_identity(model), "dtype": str(p.dtype), "device": p.device.type,
+                                     "windows": tokens, "shape": list(windows.shape)}, ".json")
     if path.exists():
         try:
             got = read_json(path)
-            if set(got) == {"ppl", "nll", "tokens"}:
+            if isinstance(got, dict) and set(got) == {"ppl", "nll", "tokens"}:
                 return got
         except (OSError, ValueError):
             pass  # damaged: measure again
