@@ -64,6 +64,24 @@ def test_trainer_is_deterministic_and_detects_nonfinite_loss():
         train(model, task, TrainConfig(steps=50, lr=1e12, warmup=1, grad_clip=0), progress=False)
 
 
+def test_a_run_leaves_the_callers_thread_count_as_it_was():
+    # a run in the caller's process (local sweeps inside `reproduce`) must not leave later experiments on its
+    # thread count: that changed their speed and, through summation order, their numbers (session 14)
+    import torch
+    cfg = {"task": {"name": "convolution", "d": 2, "lags": [0], "T": 4, "n_train": 32, "n_val": 8},
+           "model": {"d_model": 8, "layers": [[[1, 4, 4]]]}, "train": {"steps": 2, "eval_every": 2}, "threads": 1}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_synthetic(cfg)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="unknown setting"):  # restored on an error too
+            run_synthetic({**cfg, "train": {"stepz": 2}})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tiny_configs(n):
     return [{"label": f"r{i}", "task": {"name": "convolution", "d": 2, "lags": [0], "T": 4, "n_train": 64,
                                         "n_val": 16}, "model": {"d_model": 8, "layers": [[[1, 4, 4]]]},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from headalloc.models import SeqModel, SeqModelConfig
@@ -23,6 +25,19 @@ def config_of(cls, d: dict, where: str):
     return cls(**d)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` for the block, then restored: a run in the caller's process (the
+    local executor, `headalloc train`) must not leave the rest of it (e.g. a later experiment of the same
+    `reproduce`) on its count, which changes its speed and, through summation order, its numbers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_model(task, model_cfg: dict) -> SeqModel:
     """A SeqModel shaped for `task` (input/vocab/output sizes come from the task)."""
     cfg = dict(model_cfg)
@@ -34,14 +49,19 @@ def build_model(task, model_cfg: dict) -> SeqModel:
 
 
 def run_synthetic(config: dict, progress: bool = False) -> dict:
-    """config = {"task": {"name": ..., **params}, "model": {SeqModelConfig fields}, "train": {TrainConfig fields}}."""
+    """config = {"task": {"name": ..., **params}, "model": {SeqModelConfig fields}, "train": {TrainConfig fields},
+    optional "threads" (torch threads for this run, default 1; restored afterwards)}."""
+    with torch_threads(int(config.get("threads", 1))):
+        return _run_synthetic(config, progress)
+
+
+def _run_synthetic(config: dict, progress: bool) -> dict:
     missing = [k for k in ("task", "model") if not isinstance(config.get(k), dict)]
     if missing:
         raise ValueError(f"a run config needs the sections {missing} ({{'task': {{'name': ...}}, 'model': {{...}}, "
                          f"'train': {{...}}}}); got keys {sorted(config)}")
     if "name" not in config["task"]:
         raise ValueError("the run config's task has no 'name' (e.g. 'ngram', 'dretrieval')")
-    torch.set_num_threads(int(config.get("threads", 1)))
     task_cfg = dict(config["task"])
     task = make_task(task_cfg.pop("name"), **task_cfg)
     tcfg = config_of(TrainConfig, config.get("train", {}), "train")
@@ -59,6 +79,11 @@ def run_lm(config: dict, progress: bool = False) -> dict:
     fields without vocab}, "train": {"steps", "batch_size", "seq_len", "lr", "warmup", "eval_every",
     "eval_windows", "seed"}, optional "save_dir"}. Returns the validation loss curve against training
     tokens; with "save_dir" the trained model is also saved there (safetensors, see `load_seqmodel`)."""
+    with torch_threads(int(config.get("threads", 1))):
+        return _run_lm(config, progress)
+
+
+def _run_lm(config: dict, progress: bool) -> dict:
     import math
     import time
 
@@ -67,7 +92,6 @@ def run_lm(config: dict, progress: bool = False) -> dict:
     from headalloc.tasks.lm import fixed_windows, random_windows, token_stream, train_tokenizer
     from headalloc.training.trainer import NonFiniteLossError
 
-    torch.set_num_threads(int(config.get("threads", 1)))
     tr = config["train"]
     tok = train_tokenizer(config.get("corpus", "wiki"), config.get("vocab_size", 2048))
     train_ids = token_stream(tok, config.get("corpus", "wiki"), "train")
