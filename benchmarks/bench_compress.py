@@ -41,7 +41,8 @@ def main():
                     help="comma-separated strategies whose models get the speed measurement, or 'all'")
     add_config_args(ap, exclude=("strategy",))
     a = ap.parse_args()
-    cfg = config_from_args(a, base=preset("default" if a.full else "quick")).validate()
+    # the perplexity before fitting is part of every row here (`headalloc compress` measures it with --eval-before)
+    cfg = config_from_args(a, base=preset("default" if a.full else "quick", eval_before=True)).validate()
     if a.speed_only:
         cfg = replace(cfg, distill_steps=0, kd_steps=0)
     teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
@@ -75,7 +76,8 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
         p = m["after_distill"]["ppl"]
         mid = (f"before fitting {m['before_distill']['ppl']:.2f}; " if "before_distill" in m else "") + \
             (f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else "")
-        held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> {h['before']['ppl']:.2f} -> "
+        held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> "
+                       + (f"{h['before']['ppl']:.2f} -> " if "before" in h else "")
                        + (f"{h['after_layerwise']['ppl']:.2f} -> " if "after_layerwise" in h else "") + f"{h['after']['ppl']:.2f} "
                        f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x, {h['windows']} windows of {h['length']})"
                        for k, h in (m.get("heldout") or {}).items())

@@ -64,6 +64,10 @@ def test_out_is_never_a_foreign_folder_and_overwrite_is_opt_in(bf16_folder, tmp_
     assert main(args + ["--out", str(ours)]) == 0 and (ours / "headalloc.json").exists()
     said = capsys.readouterr().out
     assert "time: " in said and " s (of which fitting text " in said  # where the minutes went
+    # no perplexity before fitting unless asked for (--eval-before): not in the output, the record or the card
+    assert "compressed " in said and " -> " not in said.split("perplexity: ")[1].split("\n")[0]
+    assert "before_distill" not in json.loads((ours / "headalloc.json").read_text())
+    assert "not measured (`--eval-before`)" in (ours / "README.md").read_text()
     assert main(args + ["--out", str(ours)]) == 2 and "--overwrite" in capsys.readouterr().err
     stamp = (ours / "headalloc.json").stat().st_mtime_ns
     assert main(args + ["--out", str(ours), "--overwrite"]) == 0
@@ -140,7 +144,7 @@ def test_calibration_text_from_a_jsonl_file(tmp_path):
     zen = tmp_path / "zen.txt"
     zen.write_text(codecs.decode(this.s, "rot13"))
     r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False,
-                           **{**TINY, "corpus": str(p), "heldout": str(zen), "heldout_windows": 2})
+                           **{**TINY, "corpus": str(p), "heldout": str(zen), "heldout_windows": 2, "eval_before": True})
     assert r.metrics["evaluation"]["corpus"] == str(p)
     h = r.metrics["heldout"][str(zen)]  # evaluated on the held-out text: original, before and after fitting
     assert h["corpus"] == str(zen) and all(h[k]["tokens"] == 2 * 31 for k in ("teacher", "before", "after"))

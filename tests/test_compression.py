@@ -403,3 +403,30 @@ def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
                    for n, p in student.named_parameters() if n in init)
 
     assert moved(10.0) < 0.5 * moved(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_calibration_moments_equal_float64_sums_of_the_captured_inputs(dtype):
+    # per-window Grams are formed in float32 where the activations are (session 14); the moments must still equal
+    # the float64 mean of [x; 1][x; 1]^T over every captured row, and of the output projections' inputs
+    model = tiny_llama().to(dtype)
+    windows = torch.randint(0, 120, (3, 20), generator=torch.Generator().manual_seed(1))
+    seen = [[] for _ in range(3)]
+    hooks = [adapter_for(model).attention(model, i).o_proj.register_forward_pre_hook(
+        lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1]).double())) for i in range(3)]
+    try:
+        cal = collect(model, windows, keep=True, outputs=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert cal.tokens == 60
+    for i in range(3):
+        x = torch.cat([t.reshape(-1, t.shape[-1]).double() for t in cal.inputs[i]])
+        aug = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        assert cal.second_moment[i].dtype == torch.float64
+        ref = aug.T @ aug / 60
+        # float32 products: near-cancelling entries lose digits, the matrix as a whole does not
+        assert float((cal.second_moment[i] - ref).norm() / ref.norm()) < 1e-6
+        z = torch.cat(seen[i])
+        ref = z.T @ z / 60
+        assert float((cal.out_moment[i] - ref).norm() / ref.norm()) < 1e-6

@@ -229,11 +229,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     m = r.metrics
     t, a = m["teacher"], m["after_distill"]
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
-    print(f"perplexity: original {t['ppl']:.2f}, compressed {m['before_distill']['ppl']:.2f} -> "
+    def before(d):  # the compressed model before fitting, with --eval-before
+        return f"{d['ppl']:.2f} -> " if d else ""
+
+    print(f"perplexity: original {t['ppl']:.2f}, compressed {before(m.get('before_distill'))}"
           f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
     for h in (m.get("heldout") or {}).values():
         print(f"held-out text '{h['corpus']}' (never fitted on): original {h['teacher']['ppl']:.2f}, compressed "
-              f"{h['before']['ppl']:.2f} -> {h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x; "
+              f"{before(h.get('before'))}{h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x; "
               f"{h['windows']} windows of {h['length']})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")

@@ -39,6 +39,14 @@ class Calibration:
         return len(self.windows)
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of one batch's rows (n, d), formed in float32 where x is (a GPU's activations stay on it) and
+    returned in float64 on the CPU, where the sums over many windows are kept: per batch float32 is exact to
+    about 1e-7 of the matrix's norm (checked against float64 in the tests) and twice as fast on a CPU."""
+    x = x.float()
+    return (x.T @ x).double().cpu()
+
+
 class InputMoment:
     """A forward pre-hook that sums z^T z over the rows of a module's first input (float64, on the CPU):
     the second moment of what an output projection reads, `moment()` = the sum over the rows seen."""
@@ -48,8 +56,8 @@ class InputMoment:
         self.rows = 0
 
     def __call__(self, mod, args) -> None:
-        z = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
-        self.sum = z.T @ z if self.sum is None else self.sum + z.T @ z
+        z = args[0].reshape(-1, args[0].shape[-1])
+        self.sum = gram(z) if self.sum is None else self.sum + gram(z)
         self.rows += z.shape[0]
 
     def moment(self) -> torch.Tensor:
@@ -83,9 +91,8 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
 
         def attn_hook(mod, args, kwargs, i=i):
             x = kwargs.get("hidden_states", args[0] if args else None)
-            flat = x.reshape(-1, x.shape[-1]).double().cpu()
-            aug = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)
-            mom[i] += aug.T @ aug
+            flat = x.reshape(-1, x.shape[-1])
+            mom[i] += gram(torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1))
             if keep is True or (isinstance(keep, list) and i in keep):
                 xs[i].append(x.detach().clone())
             if i == 0:

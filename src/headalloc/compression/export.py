@@ -59,6 +59,10 @@ def _clean_tokenizer_files(folder: Path) -> None:
         p.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _ppl(d: dict | None) -> str:
+    return f"{d['ppl']:.2f}" if d else "not measured (`--eval-before`)"
+
+
 def model_card(record: dict) -> str:
     """README.md for the saved folder: base model, the plan, measured perplexity and KV size, the command."""
     cfg = record.get("config", {})
@@ -82,9 +86,10 @@ def model_card(record: dict) -> str:
                   f"Perplexity on {ev.get('windows')} held-out windows of {ev.get('length')} tokens of "
                   f"`{ev.get('corpus')}` (validation split, never used for fitting):", "",
                   "| | original | compressed, before distillation | compressed |", "|---|---|---|---|",
-                  f"| perplexity | {t['ppl']:.2f} | {b.get('ppl', float('nan')):.2f} | {a['ppl']:.2f} |",
+                  f"| perplexity | {t['ppl']:.2f} | {_ppl(b)} | {a['ppl']:.2f} |",
                   *[f"| perplexity on held-out `{h['corpus']}` (a kind of text never fitted on) | "
-                    f"{h['teacher']['ppl']:.2f} | {h['before']['ppl']:.2f} | {h['after']['ppl']:.2f} |"
+                    f"{h['teacher']['ppl']:.2f} | {_ppl(h.get('before'))} | "
+                    f"{h['after']['ppl']:.2f} |"
                     for h in (record.get("heldout") or {}).values()],
                   f"| attention parameters | {t['params_attention']:,} | | {a['params_attention']:,} "
                   f"({a['params_attention'] / t['params_attention']:.3f}x) |",

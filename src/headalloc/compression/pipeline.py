@@ -248,12 +248,13 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     metrics["seconds_plan"] = time.time() - t0
     if calibration_data is None:  # of which drawing the fitting text (sampling it once per setting, then cached)
         metrics["seconds_fit_text"] = cal.cache.get("seconds_fit_text")
-    if evaluate:
+    if ho:  # keyed by text: {"alice": {"corpus", "windows", "length", "before", "teacher", "after"}, ...}
+        metrics["heldout"] = {k: {"corpus": k, "windows": cfg.heldout_windows, "length": cfg.eval_length}
+                              for k in ho}
+    if evaluate and cfg.eval_before:  # the plan alone, before any fitting (a diagnostic)
         metrics["before_distill"] = perplexity(student, ev, progress, desc="compressed ppl (before distillation)")
-        if ho:  # keyed by text: {"alice": {"corpus", "windows", "length", "before", "teacher", "after"}, ...}
-            metrics["heldout"] = {k: {"corpus": k, "windows": cfg.heldout_windows, "length": cfg.eval_length,
-                                      "before": perplexity(student, w, progress, desc=f"held-out '{k}' ppl (before)")}
-                                  for k, w in ho.items()}
+        for k, w in ho.items():
+            metrics["heldout"][k]["before"] = perplexity(student, w, progress, desc=f"held-out '{k}' ppl (before)")
     full = Geometry.of(teacher).full()
     identity = all(lp == full for lp in plan)
     t1 = time.time()

@@ -105,6 +105,10 @@ class CompressConfig:
                                             "CPython's language reference, long technical documents with code; a text "
                                             "or .jsonl file; 'none' to skip)", "evaluation")
     heldout_windows: int = _f(12, "windows of each --heldout text (length --eval-length)", "evaluation")
+    # off since session 14 (was always measured): about 70 s of a default run on 2 CPU cores; the quick and
+    # reproduce presets and benchmarks/bench_compress.py keep it on (their tables show it)
+    eval_before: bool = _f(False, "also measure the compressed model's perplexity before any fitting, on every "
+                                  "evaluated text (a diagnostic of the plan alone)", "evaluation")
     seed: int = _f(0, "seed of every random draw (windows, fitting order)", "runtime")
     # where and in what precision
     dtype: str = _f("auto", "dtype the original is loaded in ('auto': the checkpoint's)", "runtime", DTYPES)
@@ -171,14 +175,14 @@ class CompressConfig:
 
 
 _QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
-              kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16)
+              kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True)
 PRESETS: dict[str, CompressConfig] = {
     "default": CompressConfig(),
     "quick": replace(CompressConfig(), **_QUICK),
     # the settings the documented reproduce table was made with (lighter than the default so that its
     # 12 cells fit in about 1.5 h on 2 cores)
     "reproduce": replace(CompressConfig(), kd_steps=100, kd_windows=128, kd_tail=False, fit_text="corpus",
-                         moment_windows=0, gen_prompt=8, gen_batch=16),
+                         moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True),
 }
 
 
