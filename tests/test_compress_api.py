@@ -191,6 +191,39 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
     assert r.metrics["end_to_end"]["windows"] == TINY["kd_windows"]
 
 
+def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    """fit_text "a+b+c": equal shares of corpus windows, the model's samples and another text's train split;
+    "mixed" is exactly "corpus+generated"; a misspelt part or a part that is also held out is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headalloc.assets.corpus import load_corpus, tokenize_split
+    from headalloc.compression.fit_text import fit_windows
+    from headalloc.compression.settings import preset
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path / "cache"))
+    folder = tiny_folder("llama", tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    books = tmp_path / "books.txt"
+    books.write_text("\n\n".join(f"zebra {i} crossing the river at night" * 30 for i in range(40)))
+    cfg = preset("default", **{**TINY, "gen_prompt": 0, "gen_batch": 4})
+    mixed = fit_windows(model, tok, replace(cfg, fit_text="mixed").validate(), 7, 16, 0, False)
+    assert torch.equal(mixed, fit_windows(model, tok, replace(cfg, fit_text="corpus+generated").validate(), 7, 16, 0,
+                                          False))
+    three = fit_windows(model, tok, replace(cfg, fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0, False)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = tokenize_split(tok, load_corpus(str(books)), "train").tolist()
+    from_books = [r for r in three.tolist() if any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16))]
+    assert len(from_books) == 3 and int((three[:, 0] == start).sum()) >= 3  # three shares of three windows
+    for bad in ("corpus+genrated", "corpus+corpus"):
+        with pytest.raises(ValueError, match="fit_text"):
+            replace(cfg, fit_text=bad).validate()
+    with pytest.raises(ValueError, match="nothing is fitted on"):
+        replace(cfg, fit_text=f"corpus+generated+{books}", heldout=str(books)).validate()
+
+
 def test_budget_one_keeps_the_weights_and_says_so(tmp_path):
     folder = tiny_folder("llama", tmp_path / "llama")
     r = headalloc.compress(str(folder), budget=1.0, strategy="uniform", progress=False, **TINY)

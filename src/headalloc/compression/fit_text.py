@@ -6,7 +6,8 @@ the spirit of generating the teacher's text; the prompts only vary the topics). 
 text at all, every window starts from the tokenizer's BOS token (else its EOS, the usual document
 separator) and is the model's unconditional sample. Sampled once per
 setting and cached on disk (next to the converted models), so other strategies and budgets reuse
-them. "mixed": half corpus windows, half generated.
+them. "mixed": half corpus windows, half generated; any parts joined by "+" (e.g.
+"corpus+generated+canterbury") share the windows equally.
 """
 
 from __future__ import annotations
@@ -78,17 +79,23 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
 
 
 def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True) -> torch.Tensor:
-    """`n` windows of `length` tokens to fit on, per `cfg.fit_text` (train split of `cfg.corpus` only)."""
+    """`n` windows of `length` tokens to fit on, per `cfg.fit_text`: equal shares of its parts (the first takes what
+    does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled."""
     from headalloc.assets import token_windows
 
-    if cfg.fit_text == "corpus":
+    parts = cfg.fit_parts
+    if parts == ["corpus"]:
         return token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
-    n_gen = n if cfg.fit_text == "generated" else n // 2
-    parts = []
-    if n - n_gen:
-        parts.append(token_windows(tok, cfg.corpus, "train", length, n - n_gen, seed=seed))
-    if n_gen:
-        parts.append(generated_windows(teacher, tok, cfg.corpus, n_gen, length, seed, cfg.gen_prompt,
-                                       cfg.gen_temperature, cfg.gen_batch, progress=progress))
-    w = torch.cat(parts)
+    k = len(parts)
+    shares = [n - (k - 1) * (n // k)] + [n // k] * (k - 1)
+    out = []
+    for part, m in zip(parts, shares):
+        if not m:
+            continue
+        if part == "generated":
+            out.append(generated_windows(teacher, tok, cfg.corpus, m, length, seed, cfg.gen_prompt,
+                                         cfg.gen_temperature, cfg.gen_batch, progress=progress))
+        else:
+            out.append(token_windows(tok, cfg.corpus if part == "corpus" else part, "train", length, m, seed=seed))
+    w = torch.cat(out)
     return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))]

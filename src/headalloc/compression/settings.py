@@ -5,6 +5,7 @@ Named presets are instances of it (`PRESETS`)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from headalloc.compression.targets import TARGETS
@@ -36,9 +37,10 @@ class CompressConfig:
     # "mixed" since session 8: at KV budget 0.5 (measured-latent, default settings) it took the long held-out
     # texts from 1.51x / 1.71x (alice / pydoc) to 1.26x / 1.39x for Wikipedia 1.02x -> 1.03x
     fit_text: str = _f("mixed", "text the student is fitted on (planning, both distillation stages): windows of "
-                                 "--corpus, the original model's own samples continuing short --corpus prompts "
-                                 "('generated'), or half of each ('mixed')", "calibration",
-                       ("corpus", "generated", "mixed"))
+                                 "--corpus ('corpus'), the original model's own samples ('generated'), half of each "
+                                 "('mixed' = 'corpus+generated'), or equal shares of any such parts joined by '+', "
+                                 "where a part may also name another text (e.g. 'corpus+generated+canterbury': "
+                                 "long books as well; its train split)", "calibration")
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     # 0 by measurement (session 12, default settings, seed 0; logs in docs/results; Wikipedia / alice / pydoc): at KV
     # 0.5 (measured-latent) 1.04x / 1.24x / 1.35x (8) -> 1.04x / 1.21x / 1.31x (0); at params 0.5 (measured-lowrank,
@@ -127,6 +129,22 @@ class CompressConfig:
             self.heldout = None
 
     @property
+    def fit_parts(self) -> list[str]:
+        """The fitting text's parts, each an equal share of the windows: 'corpus', 'generated' or a text's name."""
+        from headalloc.assets.corpus import KNOWN
+
+        parts = ["corpus", "generated"] if self.fit_text == "mixed" else \
+            [p.strip() for p in str(self.fit_text).split("+")]
+        for p in parts:
+            if not p or (p not in ("corpus", "generated", *KNOWN) and not Path(p).expanduser().is_file()):
+                raise ValueError(f"fit_text {self.fit_text!r}: part {p!r} is none of 'corpus', 'generated', a known "
+                                 f"text ({', '.join(KNOWN)}) or an existing text file; e.g. 'mixed', "
+                                 f"'corpus+generated+canterbury'")
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"fit_text {self.fit_text!r} names a part twice")
+        return parts
+
+    @property
     def heldout_kinds(self) -> list[str]:
         """The held-out texts, in the order given."""
         return [k.strip() for k in self.heldout.split(",") if k.strip()] if self.heldout else []
@@ -149,6 +167,12 @@ class CompressConfig:
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         kinds = self.heldout_kinds
+        parts = self.fit_parts  # checks the spelling
+        fitted = [p for p in parts if p not in ("corpus", "generated")]
+        for p in fitted:
+            if p in kinds:
+                raise ValueError(f"heldout {self.heldout!r} includes {p!r}, which fit_text {self.fit_text!r} fits on; "
+                                 f"held-out text must be a kind nothing is fitted on (drop it from one of the two)")
         if self.corpus in kinds:
             raise ValueError(f"heldout {self.heldout!r} includes the fitting corpus {self.corpus!r}; held-out text must be "
                              f"a kind nothing is fitted on (drop it from --heldout, or 'none')")
