@@ -217,7 +217,9 @@ def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
     ids = tokenize_split(tok, load_corpus(str(books)), "train").tolist()
     from_books = [r for r in three.tolist() if any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16))]
     assert len(from_books) == 3 and int((three[:, 0] == start).sum()) >= 3  # three shares of three windows
-    for bad in ("corpus+genrated", "corpus+corpus"):
+    weighted = fit_windows(model, tok, replace(cfg, fit_text=f"corpus:2+generated+{books}").validate(), 8, 16, 0, False)
+    assert sum(any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16)) for r in weighted.tolist()) == 2
+    for bad in ("corpus+genrated", "corpus+corpus", "corpus:0+generated", "corpus:x"):
         with pytest.raises(ValueError, match="fit_text"):
             replace(cfg, fit_text=bad).validate()
     with pytest.raises(ValueError, match="nothing is fitted on"):

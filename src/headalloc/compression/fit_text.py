@@ -7,7 +7,7 @@ text at all, every window starts from the tokenizer's BOS token (else its EOS, t
 separator) and is the model's unconditional sample. Sampled once per
 setting and cached on disk (next to the converted models), so other strategies and budgets reuse
 them. "mixed": half corpus windows, half generated; any parts joined by "+" (e.g.
-"corpus+generated+canterbury") share the windows equally.
+"corpus+generated+canterbury") share the windows equally, or by weight ("corpus:2+generated+canterbury").
 """
 
 from __future__ import annotations
@@ -79,15 +79,16 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
 
 
 def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True) -> torch.Tensor:
-    """`n` windows of `length` tokens to fit on, per `cfg.fit_text`: equal shares of its parts (the first takes what
-    does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled."""
+    """`n` windows of `length` tokens to fit on, per `cfg.fit_text`: shares of its parts by weight (the first takes
+    what does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled."""
     from headalloc.assets import token_windows
 
-    parts = cfg.fit_parts
-    if parts == ["corpus"]:
+    parts, weights = zip(*cfg.fit_shares)
+    if parts == ("corpus",):
         return token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
-    k = len(parts)
-    shares = [n - (k - 1) * (n // k)] + [n // k] * (k - 1)
+    total = sum(weights)
+    shares = [n * w // total for w in weights[1:]]
+    shares = [n - sum(shares)] + shares
     out = []
     for part, m in zip(parts, shares):
         if not m:

@@ -38,9 +38,10 @@ class CompressConfig:
     # texts from 1.51x / 1.71x (alice / pydoc) to 1.26x / 1.39x for Wikipedia 1.02x -> 1.03x
     fit_text: str = _f("mixed", "text the student is fitted on (planning, both distillation stages): windows of "
                                  "--corpus ('corpus'), the original model's own samples ('generated'), half of each "
-                                 "('mixed' = 'corpus+generated'), or equal shares of any such parts joined by '+', "
-                                 "where a part may also name another text (e.g. 'corpus+generated+canterbury': "
-                                 "long books as well; its train split)", "calibration")
+                                 "('mixed' = 'corpus+generated'), or shares of any such parts joined by '+', equal or "
+                                 "weighted by ':W', where a part may also name another text (its train split), e.g. "
+                                 "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long "
+                                 "books", "calibration")
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     # 0 by measurement (session 12, default settings, seed 0; logs in docs/results; Wikipedia / alice / pydoc): at KV
     # 0.5 (measured-latent) 1.04x / 1.24x / 1.35x (8) -> 1.04x / 1.21x / 1.31x (0); at params 0.5 (measured-lowrank,
@@ -130,19 +131,29 @@ class CompressConfig:
 
     @property
     def fit_parts(self) -> list[str]:
-        """The fitting text's parts, each an equal share of the windows: 'corpus', 'generated' or a text's name."""
+        """The fitting text's parts: 'corpus', 'generated' or a text's name (see `fit_shares` for their weights)."""
+        return [p for p, _ in self.fit_shares]
+
+    @property
+    def fit_shares(self) -> list[tuple[str, int]]:
+        """(part, weight) of the fitting text: 'a+b:2' is a with weight 1, b with 2 ('mixed' = 'corpus+generated')."""
         from headalloc.assets.corpus import KNOWN
 
-        parts = ["corpus", "generated"] if self.fit_text == "mixed" else \
-            [p.strip() for p in str(self.fit_text).split("+")]
-        for p in parts:
+        out = []
+        for item in (["corpus", "generated"] if self.fit_text == "mixed" else str(self.fit_text).split("+")):
+            p, _, w = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
+            p = p.strip()
             if not p or (p not in ("corpus", "generated", *KNOWN) and not Path(p).expanduser().is_file()):
                 raise ValueError(f"fit_text {self.fit_text!r}: part {p!r} is none of 'corpus', 'generated', a known "
                                  f"text ({', '.join(KNOWN)}) or an existing text file; e.g. 'mixed', "
-                                 f"'corpus+generated+canterbury'")
-        if len(set(parts)) != len(parts):
+                                 f"'corpus+generated+canterbury', 'corpus:2+generated+canterbury'")
+            if not w.strip().isdigit() or int(w) < 1:
+                raise ValueError(f"fit_text {self.fit_text!r}: the weight of part {p!r} must be a whole number >= 1; "
+                                 f"got {w!r}")
+            out.append((p, int(w)))
+        if len({p for p, _ in out}) != len(out):
             raise ValueError(f"fit_text {self.fit_text!r} names a part twice")
-        return parts
+        return out
 
     @property
     def heldout_kinds(self) -> list[str]:
