@@ -224,6 +224,13 @@ def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
             replace(cfg, fit_text=bad).validate()
     with pytest.raises(ValueError, match="nothing is fitted on"):
         replace(cfg, fit_text=f"corpus+generated+{books}", heldout=str(books)).validate()
+    # a named text that is not there (this cache has no Brotli archive) stops the run before any sampling
+    gen_dir = tmp_path / "cache" / "generated"
+    before = sorted(gen_dir.glob("*.npy"))
+    with pytest.raises(FileNotFoundError, match="brotli==1.2.1"):
+        headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
+                           **{**TINY, "fit_text": "corpus+generated+canterbury", "gen_prompt": 0, "calib_windows": 6})
+    assert sorted(gen_dir.glob("*.npy")) == before
 
 
 def test_budget_one_keeps_the_weights_and_says_so(tmp_path):

@@ -184,6 +184,15 @@ def base_model_name(model_or_name) -> str:
     return Path(name).name if os.path.isabs(name) or os.path.exists(name) else name
 
 
+def _check_fit_texts(cfg: CompressConfig) -> None:
+    """Every named text of the fitting text is there (e.g. a missing download), before any sampling or fitting."""
+    from headalloc.assets.corpus import load_corpus
+
+    for part in cfg.fit_parts:
+        if part not in ("corpus", "generated"):
+            load_corpus(part)
+
+
 def _max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
@@ -226,6 +235,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
             raise ValueError(f"{name} {getattr(cfg, name)} exceeds the model's maximum of {limit} positions")
     ev = eval_windows(tok, cfg) if evaluate else None  # checks there is enough text before any work
     ho = heldout_windows(tok, cfg) if evaluate else {}
+    _check_fit_texts(cfg)
     fit_dtype = getattr(torch, cfg.fit_dtype)
     teacher_dtype = next(teacher.parameters()).dtype
     metrics: dict = {"base_model": base_model_name(cfg.model if not given_model else teacher),
