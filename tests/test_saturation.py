@@ -91,7 +91,9 @@ def test_seqmodel_saturation_matches_separate_windows_and_eigvalsh():
             block.attn.score_hook = None
         for li in vals:
             ref[i, li] = torch.cat(vals[li]).mean().item()
-    np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
+    # the two sides come from float32 forward passes over windows of different lengths, whose matmuls may block (and
+    # round) differently with more than one thread: equal to float32 rounding, not bit for bit
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="windows must be"):
         seqmodel_saturation(m, x[:, :8], lengths)
 
