@@ -192,10 +192,10 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
 
 
 def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
-    from dataclasses import replace
-
     """fit_text "a+b+c": equal shares of corpus windows, the model's samples and another text's train split;
     "mixed" is exactly "corpus+generated"; a misspelt part or a part that is also held out is refused."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from headalloc.assets.corpus import load_corpus, tokenize_split

@@ -188,9 +188,8 @@ def _check_fit_texts(cfg: CompressConfig) -> None:
     """Every named text of the fitting text is there (e.g. a missing download), before any sampling or fitting."""
     from headalloc.assets.corpus import load_corpus
 
-    for part in cfg.fit_parts:
-        if part not in ("corpus", "generated"):
-            load_corpus(part)
+    for name in cfg.fit_texts:
+        load_corpus(name)
 
 
 def _max_positions(model) -> int | None:

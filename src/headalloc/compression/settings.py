@@ -5,8 +5,8 @@ Named presets are instances of it (`PRESETS`)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from headalloc.compression.targets import TARGETS
 
@@ -40,12 +40,13 @@ class CompressConfig:
     # / pydoc): params 0.5 (measured-lowrank) 1.097x / 1.38x / 1.51x -> 1.12x / 1.29x / 1.46x; KV 0.5
     # (measured-latent) 1.03x / 1.17x / 1.25x. Long books of other kinds than the held-out texts; the quick and
     # reproduce presets keep theirs.
-    fit_text: str = _f("corpus+generated+canterbury", "text the student is fitted on (planning, both distillation stages): windows of "
-                                 "--corpus ('corpus'), the original model's own samples ('generated'), half of each "
-                                 "('mixed' = 'corpus+generated'), or shares of any such parts joined by '+', equal or "
-                                 "weighted by ':W', where a part may also name another text (its train split), e.g. "
-                                 "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long "
-                                 "books", "calibration")
+    fit_text: str = _f("corpus+generated+canterbury",
+                       "text the student is fitted on (planning, both distillation stages): windows of --corpus "
+                       "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
+                       "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by ':W', "
+                       "where a part may also name another text (its train split), e.g. "
+                       "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long books",
+                       "calibration")
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     # 0 by measurement (session 12, default settings, seed 0; logs in docs/results; Wikipedia / alice / pydoc): at KV
     # 0.5 (measured-latent) 1.04x / 1.24x / 1.35x (8) -> 1.04x / 1.21x / 1.31x (0); at params 0.5 (measured-lowrank,
@@ -160,6 +161,11 @@ class CompressConfig:
         return out
 
     @property
+    def fit_texts(self) -> list[str]:
+        """The parts of the fitting text that name a text of their own (not 'corpus' or 'generated')."""
+        return [p for p in self.fit_parts if p not in ("corpus", "generated")]
+
+    @property
     def heldout_kinds(self) -> list[str]:
         """The held-out texts, in the order given."""
         return [k.strip() for k in self.heldout.split(",") if k.strip()] if self.heldout else []
@@ -182,9 +188,7 @@ class CompressConfig:
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         kinds = self.heldout_kinds
-        parts = self.fit_parts  # checks the spelling
-        fitted = [p for p in parts if p not in ("corpus", "generated")]
-        for p in fitted:
+        for p in self.fit_texts:  # (also checks the spelling of every part)
             if p in kinds:
                 raise ValueError(f"heldout {self.heldout!r} includes {p!r}, which fit_text {self.fit_text!r} fits on; "
                                  f"held-out text must be a kind nothing is fitted on (drop it from one of the two)")
@@ -214,8 +218,8 @@ class CompressConfig:
 
 
 _QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
-              kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True,
-              fit_text="mixed")
+              kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16,
+              eval_before=True, fit_text="mixed")
 PRESETS: dict[str, CompressConfig] = {
     "default": CompressConfig(),
     "quick": replace(CompressConfig(), **_QUICK),
