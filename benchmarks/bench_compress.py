@@ -8,7 +8,7 @@ speed of the `measured` model against the original at 1024 and 4096 tokens of co
 side by side (interleaved) next to the speed-up its FLOP count predicts.
 
     .venv/bin/python benchmarks/bench_compress.py            # quick settings (about 15 minutes)
-    .venv/bin/python benchmarks/bench_compress.py --full     # `headalloc compress`'s defaults (about 17 min a strategy)
+    .venv/bin/python benchmarks/bench_compress.py --full     # `headalloc compress`'s defaults (about 25-35 min a strategy on one of 2 cores)
 """
 
 import argparse
