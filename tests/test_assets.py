@@ -187,3 +187,19 @@ def test_real_canterbury_is_three_long_books_without_alice():
     assert "Of Man's first disobedience, and the fruit" in verse.split("\n")  # verse keeps its lines
     assert "ORLANDO\tGo apart, Adam, and thou shalt hear how he will" in play.split("\n")
     assert len(load_corpus("canterbury").split("train")) == 3  # every book fits (the split hashes titles)
+
+
+def test_real_stdlib_is_the_interpreters_module_sources_without_pydoc():
+    import inspect
+    import textwrap
+
+    from pydoc_data.topics import topics
+
+    docs = dict(load_corpus("stdlib").documents)
+    assert "pydoc.py" not in docs and "textwrap.py" in docs and len(docs) > 100
+    assert docs["textwrap.py"] == inspect.getsource(textwrap).strip()  # the module's own source, as Python reads it
+    # nothing of the held-out language reference: its longest topic's first paragraph appears in no module
+    longest = max(topics.values(), key=len).strip().split("\n\n")[0]
+    assert len(longest) > 40 and not any(longest in text for text in docs.values())
+    split = load_corpus("stdlib")
+    assert set(split.split("train")).isdisjoint(split.split("validation")) and len(split.split("validation")) > 5

@@ -5,8 +5,10 @@ Names: "wiki" (English Wikipedia lead sections, 10,033 articles, in ovos-skill-w
 Carroll's *Alice's Adventures in Wonderland*, one long narrative, the Canterbury corpus file that
 Brotli's source distribution carries), "canterbury" (the Canterbury corpus's three other long English
 texts from the same archive: a 1992 workshop's proceedings, *Paradise Lost*, *As You Like It*; three
-long documents, a fitting text of long continuous documents that leaves "alice" held out), or a path to a text file (documents separated by blank
-lines) or a .jsonl file. The split hashes each article's title, so it is
+long documents, a fitting text of long continuous documents that leaves "alice" held out), "stdlib" (the
+source files of the running CPython's top-level standard-library modules, pydoc.py left out: code with its
+docstrings and comments, a technical kind of text that is not the language reference "pydoc"), or a path to a
+text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
 
@@ -41,7 +43,7 @@ CANTERBURY = (
     ("brotli-1.2.1/tests/testdata/asyoulik.txt", "As You Like It (William Shakespeare)",
      "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc", False),
 )
-KNOWN = ("wiki", "pydoc", "alice", "canterbury")
+KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib")
 
 
 def downloads_dir() -> Path:
@@ -97,6 +99,24 @@ def canterbury_documents() -> list[tuple[str, str]]:
     return out
 
 
+def stdlib_documents() -> list[tuple[str, str]]:
+    """(file name, source) of the running CPython's top-level standard-library modules (Lib/*.py), sorted by name;
+    pydoc.py is left out (the tool that shows the held-out "pydoc" text)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in root.glob("*.py") if f.name != "pydoc.py")
+    if not files:
+        raise FileNotFoundError(f"no standard-library modules (*.py) found in {root}; the text 'stdlib' needs "
+                                f"CPython's Lib/ folder (some embedded or stripped Pythons ship only .pyc files)")
+    docs = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            docs.append((f.name, text))
+    return docs
+
+
 SPLITS = ("train", "validation", "all")
 
 
@@ -126,8 +146,8 @@ class Corpus:
 
 
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
-    """Documents of "wiki", "pydoc", "alice" (one document: the whole book), "canterbury" (three whole books), or a
-    text or .jsonl file."""
+    """Documents of "wiki", "pydoc", "alice" (one document: the whole book), "canterbury" (three whole books),
+    "stdlib" (standard-library module sources), or a text or .jsonl file."""
     key = str(name_or_path)
     if key == "wiki":
         path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
@@ -144,6 +164,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("alice", [("Alice's Adventures in Wonderland", alice_text())])
     if key == "canterbury":
         return Corpus("canterbury", canterbury_documents())
+    if key == "stdlib":
+        return Corpus("stdlib", stdlib_documents())
     p = Path(key).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "

@@ -249,6 +249,9 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     if cal is None:
         _stage(progress, 2, n, f"calibration: {cfg.calib_windows} windows of {cfg.calib_length} tokens "
                                f"({cfg.fit_text} text, '{cfg.corpus}' train split)")
+        if progress and cfg.moment_windows > cfg.kd_windows:
+            print(f"note: moment_windows {cfg.moment_windows} is more than kd_windows {cfg.kd_windows}; the "
+                  f"statistics come from all {cfg.kd_windows} end-to-end windows", file=sys.stderr)
         cal = calibration(teacher, tok, cfg, progress)
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
                            f"target {cfg.target}")

@@ -44,7 +44,8 @@ class CompressConfig:
                        "text the student is fitted on (planning, both distillation stages): windows of --corpus "
                        "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
                        "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by ':W', "
-                       "where a part may also name another text (its train split), e.g. "
+                       "where a part may also name another text (its train split: 'canterbury' long books, 'stdlib' Python "
+                       "module sources, a text file), e.g. "
                        "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long books",
                        "calibration")
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
