@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import headalloc
 from headalloc.cli import build_parser, main
-from headalloc.compression.settings import PRESETS, CompressConfig, config_from_args
+from headalloc.compression.settings import BY_BUDGET_KIND, PRESETS, CompressConfig, config_from_args
 
 TINY = dict(corpus="pydoc", calib_windows=2, calib_length=32, distill_steps=2, kd_steps=2, kd_windows=2, kd_length=32,
             eval_windows=2, eval_length=32, step=4, heldout="none")
@@ -81,7 +81,11 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help():
     by_dest = {a.dest: a for a in sub._actions}
     for f in fields(CompressConfig):
         assert f.name in by_dest, f.name
-        assert f"default: {f.default}" in by_dest[f.name].help, f.name
+        if f.default is None and f.name in BY_BUDGET_KIND["params"]:  # each budget kind's default, named
+            help_ = " ".join(by_dest[f.name].help.split())
+            assert all(f"{k} {v[f.name]!r}" in help_ for k, v in BY_BUDGET_KIND.items()), (f.name, help_)
+        else:
+            assert f"default: {f.default}" in by_dest[f.name].help, f.name
     args = ap.parse_args(["compress", "--kd-steps", "7", "--no-kd-tail", "--quick", "--save-dtype", "bfloat16"])
     cfg = config_from_args(args)
     assert (cfg.kd_steps, cfg.kd_tail, cfg.save_dtype) == (7, False, "bfloat16")
@@ -302,3 +306,23 @@ def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp
     with pytest.raises(ValueError, match="other fitting text"):  # so are moments pooled over more windows
         headalloc.compress(model, tokenizer=tok, config=replace(cfg, moment_windows=3), calibration_data=cal,
                            progress=False)
+
+
+def test_defaults_by_budget_kind_fill_only_what_was_not_given():
+    """fit_text and whiten_shrink left unset take the budget kind's values (validate and to_dict resolve them);
+    a given value, or a preset's, is kept under either kind."""
+    from dataclasses import replace
+
+    for kind in ("params", "kv"):
+        cfg = replace(PRESETS["default"], budget_kind=kind).validate()
+        assert (cfg.fit_text, cfg.whiten_shrink) == (BY_BUDGET_KIND[kind]["fit_text"], BY_BUDGET_KIND[kind]["whiten_shrink"])
+        assert replace(PRESETS["default"], budget_kind=kind).to_dict()["fit_text"] == cfg.fit_text
+        given = replace(PRESETS["default"], budget_kind=kind, fit_text="mixed", whiten_shrink=0.1).validate()
+        assert (given.fit_text, given.whiten_shrink) == ("mixed", 0.1)
+        quick = replace(PRESETS["quick"], budget_kind=kind).validate()
+        assert (quick.fit_text, quick.whiten_shrink) == ("mixed", 0.0)  # the main job's cells do not move
+    assert "stdlib" in BY_BUDGET_KIND["kv"]["fit_text"] and "stdlib" not in BY_BUDGET_KIND["params"]["fit_text"]
+    assert [p for p, _ in replace(PRESETS["default"], budget_kind="kv").fit_shares] == \
+        ["corpus", "generated", "canterbury", "stdlib"]
+    with pytest.raises(ValueError, match="budget_kind"):
+        replace(PRESETS["default"], budget_kind="flops").validate()

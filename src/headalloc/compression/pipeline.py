@@ -84,6 +84,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     from headalloc.compression.distill import TopKTargets
     from headalloc.compression.fit_text import fit_windows
 
+    cfg = cfg.resolved()
     t = time.time()
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
     kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress) \
@@ -112,6 +113,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
 
 def _fit_key(cfg: CompressConfig) -> tuple:
+    cfg = cfg.resolved()
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
@@ -150,6 +152,7 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
 
 
 def _kd_key(cfg: CompressConfig) -> tuple:
+    cfg = cfg.resolved()
     return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch, cfg.kd_windows,
             cfg.kd_length, cfg.kd_topk, cfg.seed)
 

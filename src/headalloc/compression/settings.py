@@ -40,14 +40,16 @@ class CompressConfig:
     # / pydoc): params 0.5 (measured-lowrank) 1.097x / 1.38x / 1.51x -> 1.12x / 1.29x / 1.46x; KV 0.5
     # (measured-latent) 1.03x / 1.17x / 1.25x. Long books of other kinds than the held-out texts; the quick and
     # reproduce presets keep theirs.
-    fit_text: str = _f("corpus+generated+canterbury",
-                       "text the student is fitted on (planning, both distillation stages): windows of --corpus "
-                       "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
-                       "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by ':W', "
-                       "where a part may also name another text (its train split: 'canterbury' long books, 'stdlib' Python "
-                       "module sources, a text file), e.g. "
-                       "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long books",
-                       "calibration")
+    # None since session 16: by budget kind (BY_BUDGET_KIND); under a KV budget the module sources join it.
+    fit_text: str | None = _f(None,
+                              "text the student is fitted on (planning, both distillation stages): windows of --corpus "
+                              "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
+                              "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by "
+                              "':W', where a part may also name another text (its train split: 'canterbury' long "
+                              "books, 'stdlib' Python module sources, a text file), e.g. "
+                              "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long "
+                              "books",
+                              "calibration")
     gen_temperature: float = _f(1.0, "sampling temperature of the generated fitting text", "calibration")
     # 0 by measurement (session 12, default settings, seed 0; logs in docs/results; Wikipedia / alice / pydoc): at KV
     # 0.5 (measured-latent) 1.04x / 1.24x / 1.35x (8) -> 1.04x / 1.21x / 1.31x (0); at params 0.5 (measured-lowrank,
@@ -59,9 +61,11 @@ class CompressConfig:
     # so the quick and reproduce presets keep 16 (their pinned tables)
     gen_batch: int = _f(64, "sequences the original samples together for the generated fitting text (the samples "
                             "depend on it; larger is faster where memory allows)", "calibration")
-    whiten_shrink: float = _f(0.0, "pull the calibration inputs' (and head outputs') second moments toward isotropic "
-                                   "by this fraction in [0, 1) before data-aware factorisations (0: as measured)",
-                              "calibration")
+    # None since session 16: by budget kind (BY_BUDGET_KIND): 0.2 under a KV budget, 0 (as measured) under params
+    whiten_shrink: float | None = _f(None, "pull the calibration inputs' (and head outputs') second moments toward "
+                                           "isotropic by this fraction in [0, 1) before data-aware factorisations (0: "
+                                           "as measured)",
+                                     "calibration")
     # 300 (every fitting window at the default kd_windows) by measurement (session 12, default settings, seed 0; logs
     # in docs/results): measured-lowrank at params 0.5 1.12x / 1.60x / 1.80x (0) -> 1.10x / 1.45x / 1.62x (128) ->
     # 1.10x / 1.42x / 1.55x (300; Wikipedia / alice / pydoc). The same teacher passes give the top-k targets, so more
@@ -133,7 +137,15 @@ class CompressConfig:
                                       "device)", "runtime")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self.resolved())
+
+    def resolved(self) -> "CompressConfig":
+        """A copy with every setting left to the budget kind (None) filled in from `BY_BUDGET_KIND`."""
+        by_kind = BY_BUDGET_KIND.get(self.budget_kind)
+        if by_kind is None:
+            raise ValueError(f"budget_kind must be one of {', '.join(BY_BUDGET_KIND)}; got {self.budget_kind!r}")
+        missing = {k: v for k, v in by_kind.items() if getattr(self, k) is None}
+        return replace(self, **missing) if missing else self
 
     def __post_init__(self):
         if isinstance(self.heldout, str) and self.heldout.strip().lower() in ("none", ""):
@@ -149,8 +161,9 @@ class CompressConfig:
         """(part, weight) of the fitting text: 'a+b:2' is a with weight 1, b with 2 ('mixed' = 'corpus+generated')."""
         from headalloc.assets.corpus import KNOWN
 
+        text = self.resolved().fit_text
         out = []
-        for item in (["corpus", "generated"] if self.fit_text == "mixed" else str(self.fit_text).split("+")):
+        for item in (["corpus", "generated"] if text == "mixed" else str(text).split("+")):
             p, _, w = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "1")
             p = p.strip()
             if not p or (p not in ("corpus", "generated", *KNOWN) and not Path(p).expanduser().is_file()):
@@ -176,8 +189,11 @@ class CompressConfig:
         return [k.strip() for k in self.heldout.split(",") if k.strip()] if self.heldout else []
 
     def validate(self) -> "CompressConfig":
-        """Clear errors for impossible settings, before any work."""
+        """Clear errors for impossible settings, before any work; returns the settings `resolved` (every default
+        that depends on the budget kind filled in)."""
         from headalloc.compression.strategies import check_budget
+
+        self = self.resolved()
 
         check_budget(self.budget, self.strategy, self.budget_kind)
         for name in ("calib_windows", "calib_length", "kd_windows", "kd_length", "kd_batch", "kd_topk", "gen_batch",
@@ -222,16 +238,28 @@ class CompressConfig:
         return self
 
 
+# Defaults that depend on what the budget counts (a field left None takes its kind's value; see `resolved`), by
+# measurement at budget 0.5, default settings otherwise (session 16, seed 0, logs in docs/results; Wikipedia / alice /
+# pydoc ratios to the original):
+# - kv (measured-latent): 'corpus+generated+canterbury' 1.03x / 1.15x / 1.23x; --whiten-shrink 0.2 1.03x / 1.13x /
+#   1.22x; both and 'stdlib' (Python module sources) in the fitting text 1.05x / 1.13x / 1.11x.
+# - params (measured-lowrank): the module sources (a sixth) take pydoc 1.44x -> 1.26x but Wikipedia 1.10x -> 1.12x and
+#   alice 1.27x -> 1.29x; with shrink 0.2 too, Wikipedia 1.14x. Neither is the default there.
+BY_BUDGET_KIND: dict[str, dict] = {
+    "params": {"fit_text": "corpus+generated+canterbury", "whiten_shrink": 0.0},
+    "kv": {"fit_text": "corpus+generated+canterbury+stdlib", "whiten_shrink": 0.2},
+}
+
 _QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
               kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16,
-              eval_before=True, fit_text="mixed")
+              eval_before=True, fit_text="mixed", whiten_shrink=0.0)
 PRESETS: dict[str, CompressConfig] = {
     "default": CompressConfig(),
     "quick": replace(CompressConfig(), **_QUICK),
     # the settings the documented reproduce table was made with (lighter than the default so that its
     # 12 cells fit in about 1.5 h on 2 cores)
     "reproduce": replace(CompressConfig(), kd_steps=100, kd_windows=128, kd_tail=False, fit_text="corpus",
-                         moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True),
+                         whiten_shrink=0.0, moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True),
 }
 
 
@@ -267,7 +295,9 @@ def add_config_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         if grp not in groups:
             groups[grp] = parser.add_argument_group(grp)
         default, q = f.default, getattr(quick, f.name)
-        help_ = f"{f.metadata['help']} (default: {default}" + (f"; --quick: {q}" if q != default else "") + ")"
+        shown = default if default is not None or f.name not in BY_BUDGET_KIND["params"] else \
+            "by budget kind: " + ", ".join(f"{k} {v[f.name]!r}" for k, v in BY_BUDGET_KIND.items())
+        help_ = f"{f.metadata['help']} (default: {shown}" + (f"; --quick: {q}" if q != default else "") + ")"
         flag = "--" + f.name.replace("_", "-")
         ch = (choices or {}).get(f.name) or f.metadata.get("choices")
         typ = _parse_type(f)
