@@ -84,7 +84,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     from headalloc.compression.distill import TopKTargets
     from headalloc.compression.fit_text import fit_windows
 
-    cfg = cfg.resolved()
+    cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
     t = time.time()
     w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
     kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress) \
@@ -113,7 +113,6 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
 
 def _fit_key(cfg: CompressConfig) -> tuple:
-    cfg = cfg.resolved()
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
@@ -138,6 +137,7 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
     from headalloc.compression.distill import merge_topk, teacher_topk
     from headalloc.compression.fit_text import fit_windows
 
+    cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
     key = _kd_key(cfg)
     if key not in cal.cache:
         w = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
@@ -152,7 +152,6 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
 
 
 def _kd_key(cfg: CompressConfig) -> tuple:
-    cfg = cfg.resolved()
     return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch, cfg.kd_windows,
             cfg.kd_length, cfg.kd_topk, cfg.seed)
 
