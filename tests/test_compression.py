@@ -430,3 +430,25 @@ def test_calibration_moments_equal_float64_sums_of_the_captured_inputs(dtype):
         z = torch.cat(seen[i])
         ref = z.T @ z / 60
         assert float((cal.out_moment[i] - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_bfloat16_autocast_end_to_end_keeps_float32_weights_and_tracks_the_float32_run():
+    """Mixed precision: the trained weights stay float32, the loss falls, and the result is near the
+    float32 run's (same seed and windows), the reference for what the autocast only approximates."""
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    w = torch.randint(0, 120, (6, 24))
+
+    def run(autocast):
+        student = compress_model(model, [LayerPlan(4, 4)] * 3)
+        r = distill_end_to_end(model, student, w, steps=40, lr=1e-3, k=16, progress=False, autocast=autocast)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        return r, student
+
+    (r32, s32), (r16, s16) = run("none"), run("bfloat16")
+    assert r16["autocast"] == "bfloat16" and r16["loss_after"] < r16["loss_before"]
+    assert r16["loss_before"] == pytest.approx(r32["loss_before"])  # the reports are float32 forwards
+    assert abs(r16["loss_after"] - r32["loss_after"]) < 0.1 * (r32["loss_before"] - r32["loss_after"])
+    with pytest.raises(ValueError, match="autocast must be"):
+        distill_end_to_end(model, s16, w, steps=1, progress=False, autocast="float8")

@@ -114,6 +114,10 @@ class CompressConfig:
                                "forward per step)", "end-to-end distillation")
     kd_anchor: float = _f(0.0, "weight of a penalty keeping the attention weights near their initialisation "
                                 "(sum of |w - w0|^2 / |w0|^2; 0 = off)", "end-to-end distillation")
+    kd_autocast: str = _f("none", "mixed precision in the end-to-end stage: 'bfloat16' runs the student's forward and "
+                                  "backward under torch.autocast in bfloat16 (weights and optimiser state stay in "
+                                  "--fit-dtype); faster on GPUs and on CPUs with bfloat16 matrix units (e.g. AMX), "
+                                  "slower on CPUs without", "end-to-end distillation", ("none", "bfloat16"))
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
