@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
+from headalloc.compression.settings import KD_AUTOCAST_CHOICES, KD_TRAIN_CHOICES
 
 
 def _layer_out(layer, h, pe):
@@ -173,8 +174,7 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-TRAIN_CHOICES = ("attention", "reduced", "layers")
-AUTOCAST_CHOICES = ("none", "bfloat16")
+TRAIN_CHOICES, AUTOCAST_CHOICES = KD_TRAIN_CHOICES, KD_AUTOCAST_CHOICES  # (one table: settings.py)
 
 
 def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:

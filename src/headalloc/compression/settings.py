@@ -11,6 +11,9 @@ from pathlib import Path
 from headalloc.compression.targets import TARGETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# what the end-to-end stage may train, and its mixed precision (`distill.distill_end_to_end` checks against these too)
+KD_TRAIN_CHOICES = ("attention", "reduced", "layers")
+KD_AUTOCAST_CHOICES = ("none", "bfloat16")
 
 
 def _f(default, help: str, group: str, choices=None, cli: bool = True):
@@ -109,7 +112,7 @@ class CompressConfig:
     kd_train: str = _f("attention", "what the end-to-end stage trains: every attention projection, only the "
                                     "attention weights the plan changed ('reduced': e.g. a latent layer's key/value "
                                     "factors, not its untouched query and output projections), or every "
-                                    "decoder-layer weight", "end-to-end distillation", ("attention", "reduced", "layers"))
+                                    "decoder-layer weight", "end-to-end distillation", KD_TRAIN_CHOICES)
     kd_hidden: float = _f(0.0, "weight of a term matching every layer's hidden states (0 = off; costs a teacher "
                                "forward per step)", "end-to-end distillation")
     kd_anchor: float = _f(0.0, "weight of a penalty keeping the attention weights near their initialisation "
@@ -117,7 +120,7 @@ class CompressConfig:
     kd_autocast: str = _f("none", "mixed precision in the end-to-end stage: 'bfloat16' runs the student's forward and "
                                   "backward under torch.autocast in bfloat16 (weights and optimiser state stay in "
                                   "--fit-dtype); faster on GPUs and on CPUs with bfloat16 matrix units (e.g. AMX), "
-                                  "slower on CPUs without", "end-to-end distillation", ("none", "bfloat16"))
+                                  "slower on CPUs without", "end-to-end distillation", KD_AUTOCAST_CHOICES)
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
