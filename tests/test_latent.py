@@ -201,24 +201,27 @@ def test_shrunk_second_moment_moves_the_factorisation_from_data_aware_to_plain()
         assert float(((W - up0.double() @ down0.double()) ** 2).sum()) > err
 
 
-def test_measured_latent_keeps_the_exponent_whose_plan_loses_least_on_the_calibration_text():
+@pytest.mark.parametrize("strategy,kind,budget", [("measured-latent", "kv", 0.45), ("measured-lowrank", "params", 0.5)])
+def test_our_knapsack_keeps_the_exponent_whose_plan_loses_least_on_the_calibration_text(strategy, kind, budget):
     """Each exponent's plan, rebuilt alone, scored by the compressed model's own loss (transformers' labels path,
     not our perplexity): the plan kept is the best of them, so never worse than the plain sum's (p = 1)."""
-    from headalloc.compression.latent import measured_latent_plan
+    from headalloc.compression.strategies import STRATEGIES
 
+    fn = STRATEGIES[strategy].fn
     m = tiny("llama")
     g = Geometry.of(m)
     torch.manual_seed(1)
-    data = collect(m, torch.randint(0, 300, (4, 24)))
-    chosen, info = measured_latent_plan(m, 0.45, "kv", step=2, calibration=data, exponents=(1.0, 2.0, 3.0))
+    data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
+    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0, 3.0))
 
     def loss(layers):
         st = compress_model(m, Plan(layers), data)
         with torch.no_grad():
             return float(sum(st(input_ids=w[None], labels=w[None]).loss for w in data.windows)) / len(data.windows)
 
-    alone = {p: measured_latent_plan(m, 0.45, "kv", step=2, calibration=data, exponents=(p,))[0] for p in (1.0, 2.0, 3.0)}
+    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,))[0] for p in (1.0, 2.0, 3.0)}
     assert alone[1.0] != alone[2.0]  # (the exponents disagree here, so the choice is a real one)
     assert info["exponent"] in alone and chosen == alone[info["exponent"]]
     assert loss(chosen) <= min(loss(pl) for pl in alone.values()) + 1e-6
-    assert sum(g.spec(lp).kv_size() for lp in chosen) <= 0.45 * g.n_layers * 2 * g.n_kv * g.head_dim
+    full = sum(g.spec(g.full()).cost(g.hidden, kind) for _ in range(g.n_layers))
+    assert sum(g.spec(lp).cost(g.hidden, kind) for lp in chosen) <= budget * full

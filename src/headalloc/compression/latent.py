@@ -140,26 +140,37 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
     cal = _with_grads(model, calibration, progress)
     g = Geometry.of(model)
     cands, e = _latent_errors(model, cal, step, progress)
-    plans: dict[float, tuple[list[LayerPlan], float]] = {}
+    options, labels = [], []
+    for l in range(g.n_layers):
+        opts, labs = [], []
+        for i, rk in enumerate(cands):
+            for j, rv in enumerate(cands):
+                lp = LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
+                opts.append((g.spec(lp).cost(g.hidden, kind), e[l, 0, i] + e[l, 1, j]))
+                labs.append(lp)
+        options.append(opts)
+        labels.append(labs)
+    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress)
+    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], **info,
+                  "predicted_error": predicted}
+
+
+def choose_by_exponent(model, cal: Calibration, options: list[list[tuple[int, float]]], labels: list[list[LayerPlan]],
+                       budget: float, kind: str, exponents: tuple[float, ...] = EXPONENTS, progress: bool = False):
+    """For each exponent p, the knapsack's plan over the layers' estimated errors raised to p (`choose`); the plan
+    whose whole compressed model has the lowest loss on the calibration windows (`plan_losses`) is kept. Returns
+    (plan, its predicted error as the plain sum, {"exponent", "calibration_loss_by_exponent"})."""
+    g = Geometry.of(model)
+    plans = {}
     for p in exponents:
-        options, labels = [], []
-        for l in range(g.n_layers):
-            opts, labs = [], []
-            for i, rk in enumerate(cands):
-                for j, rv in enumerate(cands):
-                    lp = LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=rk, rank_v=rv)
-                    opts.append((g.spec(lp).cost(g.hidden, kind), (e[l, 0, i] + e[l, 1, j]) ** p))
-                    labs.append(lp)
-            options.append(opts)
-            labels.append(labs)
-        plans[p] = choose(g, options, labels, budget, kind)
-    losses = plan_losses(model, cal, {p: pl for p, (pl, _) in plans.items()}, progress)
+        plan, _ = choose(g, [[(c, err ** p) for c, err in o] for o in options], labels, budget, kind)
+        plans[p] = plan
+    losses = plan_losses(model, cal, plans, progress)
     best = min(losses, key=lambda p: (losses[p], abs(p - 1)))  # a tie is the same plan: name it by p nearest 1
-    plan, predicted = plans[best]
-    return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], "exponent": best,
-                  "calibration_loss_by_exponent": {str(p): v for p, v in losses.items()},
-                  "predicted_error": sum(e[l, 0, cands.index(lp.rank_k)] + e[l, 1, cands.index(lp.rank_v)]
-                                         for l, lp in enumerate(plan))}
+    plan = plans[best]
+    picks = [labels[l].index(lp) for l, lp in enumerate(plan)]
+    predicted = float(sum(options[l][j][1] for l, j in enumerate(picks)))
+    return plan, predicted, {"exponent": best, "calibration_loss_by_exponent": {str(p): v for p, v in losses.items()}}
 
 
 @torch.no_grad()
@@ -228,7 +239,7 @@ def _pareto(opts: list[tuple]) -> list[tuple]:
 @strategy("measured-lowrank")
 def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int = 8,
                           calibration: Calibration | None = None, progress: bool = False,
-                          target: Target = TARGETS["any"]):
+                          target: Target = TARGETS["any"], exponents: tuple[float, ...] = EXPONENTS):
     """Ours, factorised: every head kept; q, o and k/v latents at per-layer ranks by measured error."""
     if target.widths_fixed:
         raise ValueError(f"measured-lowrank: factorised projections and latent keys/values have no counterpart in "
@@ -286,10 +297,10 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
         front = _pareto(opts)
         options.append([(c, err) for c, err, _ in front])
         labels.append([lp for _, _, lp in front])
-    plan, predicted = choose(g, options, labels, budget, kind)
+    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress)
     return plan, {"rank_grid_q": rq, "rank_grid_o": ro,
                   "ranks": [{"q": lp.rank_q, "o": lp.rank_o, "k": lp.rank_k, "v": lp.rank_v} for lp in plan],
-                  "predicted_error": predicted}
+                  **info, "predicted_error": predicted}
 
 
 MLA_PAIRS = 4  # MHA2MLA's partial RoPE: r = 4 kept frequency pairs per head
