@@ -87,10 +87,10 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
         print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}; KV {kvr:.3f}x   "
               f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
               f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
-        if "exponent" in r.plan.info:  # measured-latent: the exponent whose plan lost least on the calibration text
-            losses = ", ".join(f"p={k}: {v:.4f}" for k, v in r.plan.info["calibration_loss_by_exponent"].items())
-            print(f"  {'':15s} exponent kept {r.plan.info['exponent']} (calibration loss before fitting: {losses})",
-                  flush=True)
+        if "exponent" in r.plan.info:  # our knapsacks: the candidate plan that lost least on the calibration text
+            losses = ", ".join(f"{k}: {v:.4f}" for k, v in r.plan.info["calibration_loss_by_candidate"].items())
+            print(f"  {'':15s} kept p={r.plan.info['exponent']}, layers without attention "
+                  f"{r.plan.info['empty_layers'] or 'none'} (calibration loss before fitting: {losses})", flush=True)
     kinds = cfg.heldout_kinds
     print(f"\n{'strategy':15s} {'Wikipedia':>10s} " + " ".join(f"{k[:12]:>12s}" for k in kinds) +
           f" {'KV':>7s} {'KV bytes/token':>15s}  ({cfg.budget_kind} budget {cfg.budget}; ratios to the original)")

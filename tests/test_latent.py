@@ -201,7 +201,17 @@ def test_shrunk_second_moment_moves_the_factorisation_from_data_aware_to_plain()
         assert float(((W - up0.double() @ down0.double()) ** 2).sum()) > err
 
 
-@pytest.mark.parametrize("strategy,kind,budget", [("measured-latent", "kv", 0.45), ("measured-lowrank", "params", 0.5)])
+def _loss(m, layers, data):
+    """The compressed model's next-token loss on the calibration windows, by transformers' own labels path."""
+    st = compress_model(m, Plan(layers), data)
+    with torch.no_grad():
+        return float(sum(st(input_ids=w[None], labels=w[None]).loss for w in data.windows)) / len(data.windows)
+
+
+OURS = [("measured-latent", "kv", 0.45), ("measured-lowrank", "params", 0.5)]
+
+
+@pytest.mark.parametrize("strategy,kind,budget", OURS)
 def test_our_knapsack_keeps_the_exponent_whose_plan_loses_least_on_the_calibration_text(strategy, kind, budget):
     """Each exponent's plan, rebuilt alone, scored by the compressed model's own loss (transformers' labels path,
     not our perplexity): the plan kept is the best of them, so never worse than the plain sum's (p = 1)."""
@@ -212,16 +222,39 @@ def test_our_knapsack_keeps_the_exponent_whose_plan_loses_least_on_the_calibrati
     g = Geometry.of(m)
     torch.manual_seed(1)
     data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
-    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0, 3.0))
-
-    def loss(layers):
-        st = compress_model(m, Plan(layers), data)
-        with torch.no_grad():
-            return float(sum(st(input_ids=w[None], labels=w[None]).loss for w in data.windows)) / len(data.windows)
-
-    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,))[0] for p in (1.0, 2.0, 3.0)}
+    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0, 3.0), empty=False)
+    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,), empty=False)[0] for p in (1.0, 2.0, 3.0)}
     assert alone[1.0] != alone[2.0]  # (the exponents disagree here, so the choice is a real one)
-    assert info["exponent"] in alone and chosen == alone[info["exponent"]]
-    assert loss(chosen) <= min(loss(pl) for pl in alone.values()) + 1e-6
+    assert info["exponent"] in alone and chosen == alone[info["exponent"]] and info["empty_layers"] == []
+    assert _loss(m, chosen, data) <= min(_loss(m, pl, data) for pl in alone.values()) + 1e-6
     full = sum(g.spec(g.full()).cost(g.hidden, kind) for _ in range(g.n_layers))
     assert sum(g.spec(lp).cost(g.hidden, kind) for lp in chosen) <= budget * full
+
+
+@pytest.mark.parametrize("strategy,kind,budget", [("measured-latent", "kv", 0.3), ("measured-lowrank", "params", 0.3)])
+def test_our_knapsack_removes_a_layers_attention_that_adds_nothing(strategy, kind, budget):
+    """A layer whose attention output is silenced (its output projection zeroed) loses nothing when its attention
+    is removed: at a budget tight enough that what it frees matters, with empty layers allowed the plan removes it,
+    spends what it frees on the other layers, and its loss (transformers' own) is no worse than the best plan that
+    keeps attention in every layer; the measured error of removing it is zero, of removing the others not."""
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.strategies import STRATEGIES
+
+    fn = STRATEGIES[strategy].fn
+    m = tiny("llama")
+    g = Geometry.of(m)
+    with torch.no_grad():
+        adapter_for(m).attention(m, 1).o_proj.weight.zero_()
+    torch.manual_seed(1)
+    data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
+    dense, _ = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0), empty=False)
+    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0))
+    e0 = data.cache["empty_errors"]
+    assert e0[1] == 0 and e0[0] > 0 and e0[2] > 0
+    assert 1 in info["empty_layers"] and chosen[1].empty
+    assert [l for l, lp in enumerate(chosen) if lp.empty] == info["empty_layers"]
+    assert _loss(m, chosen, data) <= _loss(m, dense, data) + 1e-6
+    full = sum(g.spec(g.full()).cost(g.hidden, kind) for _ in range(g.n_layers))
+    assert sum(g.spec(lp).cost(g.hidden, kind) for lp in chosen) <= budget * full
+    assert sum(g.spec(lp).cost(g.hidden, kind) for l, lp in enumerate(chosen) if l != 1) > \
+        sum(g.spec(lp).cost(g.hidden, kind) for l, lp in enumerate(dense) if l != 1)  # the freed budget is spent

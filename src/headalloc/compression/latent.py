@@ -134,7 +134,8 @@ EXPONENTS = (1.0, 1.5, 2.0, 3.0, 4.0)
 @strategy("measured-latent", latent=True)
 def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                          calibration: Calibration | None = None, progress: bool = False,
-                         target: Target = TARGETS["any"], exponents: tuple[float, ...] = EXPONENTS):
+                         target: Target = TARGETS["any"], exponents: tuple[float, ...] = EXPONENTS,
+                         empty: bool = True):
     """Ours over the peers' latents: per-layer ranks by measured loss increase and an exact knapsack."""
     _check_target(target, "measured-latent")
     cal = _with_grads(model, calibration, progress)
@@ -150,27 +151,53 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                 labs.append(lp)
         options.append(opts)
         labels.append(labs)
-    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress)
+    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress, empty)
     return plan, {"grid": cands, "ranks": [[lp.rank_k, lp.rank_v] for lp in plan], **info,
                   "predicted_error": predicted}
 
 
+def empty_layer_errors(model, cal: Calibration, progress: bool = False) -> np.ndarray:
+    """(layers,): the measured error (`layer_error`) of removing each layer's attention entirely. Cached."""
+    if "empty_errors" not in cal.cache:
+        ad, g = adapter_for(model), Geometry.of(model)
+        lp = LayerPlan(g.head_dim, g.head_dim, keep_kv=[], keep_rep=[])
+        cal.cache["empty_errors"] = np.array([
+            layer_error(model, l, cal, *reduce_layer(ad.weights(model, l), None, lp, g, l))
+            for l in tqdm(range(g.n_layers), desc="measuring layers without attention", disable=not progress)])
+    return cal.cache["empty_errors"]
+
+
 def choose_by_exponent(model, cal: Calibration, options: list[list[tuple[int, float]]], labels: list[list[LayerPlan]],
-                       budget: float, kind: str, exponents: tuple[float, ...] = EXPONENTS, progress: bool = False):
-    """For each exponent p, the knapsack's plan over the layers' estimated errors raised to p (`choose`); the plan
-    whose whole compressed model has the lowest loss on the calibration windows (`plan_losses`) is kept. Returns
-    (plan, its predicted error as the plain sum, {"exponent", "calibration_loss_by_exponent"})."""
+                       budget: float, kind: str, exponents: tuple[float, ...] = EXPONENTS, progress: bool = False,
+                       empty: bool = False):
+    """For each exponent p, the knapsack's plan over the layers' estimated errors raised to p (`choose`); with
+    `empty`, also each exponent's plan when any layer may instead lose its attention entirely (its error
+    measured the same way, `empty_layer_errors`). Of these candidates the plan whose whole compressed model has the
+    lowest loss on the calibration windows (`plan_losses`) is kept, so allowing empty layers can only change the
+    plan where a plan with them measures better. Returns (plan, its predicted error as the plain sum,
+    {"exponent", "empty_layers", "calibration_loss_by_candidate"})."""
     g = Geometry.of(model)
+    families = {False: (options, labels)}
+    if empty:
+        lp0 = LayerPlan(g.head_dim, g.head_dim, keep_kv=[], keep_rep=[])
+        e0 = empty_layer_errors(model, cal, progress)
+        c0 = g.spec(lp0).cost(g.hidden, kind)
+        families[True] = ([o + [(c0, float(e0[l]))] for l, o in enumerate(options)],
+                          [lab + [lp0] for lab in labels])
     plans = {}
-    for p in exponents:
-        plan, _ = choose(g, [[(c, err ** p) for c, err in o] for o in options], labels, budget, kind)
-        plans[p] = plan
+    for with_empty, (opts, labs) in families.items():
+        for p in exponents:
+            plans[(p, with_empty)], _ = choose(g, [[(c, err ** p) for c, err in o] for o in opts], labs, budget, kind)
     losses = plan_losses(model, cal, plans, progress)
-    best = min(losses, key=lambda p: (losses[p], abs(p - 1)))  # a tie is the same plan: name it by p nearest 1
+    # a tie is the same plan: name it by p nearest 1, without empty layers
+    best = min(losses, key=lambda k: (losses[k], k[1], abs(k[0] - 1)))
     plan = plans[best]
-    picks = [labels[l].index(lp) for l, lp in enumerate(plan)]
-    predicted = float(sum(options[l][j][1] for l, j in enumerate(picks)))
-    return plan, predicted, {"exponent": best, "calibration_loss_by_exponent": {str(p): v for p, v in losses.items()}}
+    opts, labs = families[best[1]]
+    picks = [labs[l].index(lp) for l, lp in enumerate(plan)]
+    predicted = float(sum(opts[l][j][1] for l, j in enumerate(picks)))
+    return plan, predicted, {"exponent": best[0], "empty_layers": [l for l, lp in enumerate(plan) if lp.empty],
+                             "calibration_loss_by_candidate": {f"p={p}{', empty layers allowed' if e else ''}": v
+                                                               for (p, e), v in losses.items()}}
 
 
 @torch.no_grad()
@@ -239,7 +266,8 @@ def _pareto(opts: list[tuple]) -> list[tuple]:
 @strategy("measured-lowrank")
 def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int = 8,
                           calibration: Calibration | None = None, progress: bool = False,
-                          target: Target = TARGETS["any"], exponents: tuple[float, ...] = EXPONENTS):
+                          target: Target = TARGETS["any"], exponents: tuple[float, ...] = EXPONENTS,
+                          empty: bool = True):
     """Ours, factorised: every head kept; q, o and k/v latents at per-layer ranks by measured error."""
     if target.widths_fixed:
         raise ValueError(f"measured-lowrank: factorised projections and latent keys/values have no counterpart in "
@@ -297,7 +325,7 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
         front = _pareto(opts)
         options.append([(c, err) for c, err, _ in front])
         labels.append([lp for _, _, lp in front])
-    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress)
+    plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress, empty)
     return plan, {"rank_grid_q": rq, "rank_grid_o": ro,
                   "ranks": [{"q": lp.rank_q, "o": lp.rank_o, "k": lp.rank_k, "v": lp.rank_v} for lp in plan],
                   **info, "predicted_error": predicted}
