@@ -29,6 +29,10 @@ Raising each layer's estimate to an exponent p > 1 before the sum makes deep sin
 whole compressed model's loss on the calibration windows is measured, and the lowest is kept (session 18:
 at a quarter of SmolLM2's cache p = 1 cut the last layers' values to rank 16 and lost to Palu's
 allocation; p = 2 started 46.37 against 52.29 and Palu's 49.51 on Wikipedia before fitting).
+Both of our factorised strategies (`measured-latent`, `measured-lowrank`) may also remove a layer's attention
+entirely (no heads, no cache: the budget it frees goes to the other layers), its error measured like every other
+option; each exponent's plan is built with and without that option, and the same calibration loss decides, so the
+option only changes a plan where a plan using it measures better.
 """
 
 from __future__ import annotations
