@@ -248,7 +248,7 @@ def test_our_knapsack_removes_a_layers_attention_that_adds_nothing(strategy, kin
     torch.manual_seed(1)
     data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
     dense, _ = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0), empty=False)
-    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0))
+    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0), empty=True)
     e0 = data.cache["empty_errors"]
     assert e0[1] == 0 and e0[0] > 0 and e0[2] > 0
     assert 1 in info["empty_layers"] and chosen[1].empty
