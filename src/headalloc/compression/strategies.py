@@ -77,7 +77,8 @@ def auto_strategy(model, kind: str = "params", target: str | Target = "any") -> 
     Wikipedia / alice / pydoc ratios to the original; docs/compression.md): under a parameter budget
     measured-lowrank (1.10x / 1.27x / 1.44x, session 15; measured, which narrows or removes heads, at session 8's
     settings: 1.25x / 2.14x / 2.43x); under a KV budget measured-latent (1.05x / 1.13x / 1.11x, session 16, with the KV budget's fitting text
-    and shrunk moments; Palu at session 14's settings 1.06x / 1.21x / 1.31x against ours 1.03x / 1.17x / 1.25x). Where the target keeps
+    and shrunk moments; Palu at the same settings 1.07x / 1.16x / 1.15x; at KV 0.25 ours 1.30x / 1.66x / 1.57x against
+    Palu's 1.33x / 1.64x / 1.58x, session 18). Where the target keeps
     every head's width (llama.cpp) or keys cannot go through a latent (per-head q/k norms) under a KV budget:
     measured."""
     t = get_target(target) if isinstance(target, str) else target

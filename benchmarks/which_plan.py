@@ -1,0 +1,40 @@
+"""Which candidate plan our knapsack keeps at a budget, at `headalloc compress`'s default settings, and whether it
+is the plain-sum plan (p = 1, every layer keeps attention): when it is, the plan and so every result fitted from it
+are what they were before the exponents were measured. Planning only (calibration and plan, no fitting).
+
+    python benchmarks/which_plan.py --budget-kind kv --budget 0.5 [--strategy measured-latent] [any compress flag]
+"""
+
+import argparse
+import time
+
+from headalloc.assets import load_model
+from headalloc.compression.pipeline import calibration
+from headalloc.compression.settings import add_config_args, config_from_args
+from headalloc.compression.strategies import STRATEGIES, auto_strategy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(ap)
+    cfg = config_from_args(ap.parse_args()).validate()
+    teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    name = auto_strategy(teacher, cfg.budget_kind, cfg.target) if cfg.strategy == "auto" else cfg.strategy
+    fn = STRATEGIES[name].fn
+    t = time.time()
+    cal = calibration(teacher, tok, cfg)
+    print(f"calibration: {time.time() - t:.0f} s", flush=True)
+    t = time.time()
+    plan, info = fn(teacher, cfg.budget, cfg.budget_kind, cfg.step, calibration=cal)
+    if "exponent" not in info:
+        raise SystemExit(f"strategy {name!r} does not choose among exponents (measured-latent, measured-lowrank do)")
+    print(f"{name}, {cfg.budget_kind} budget {cfg.budget}: plan {time.time() - t:.0f} s; kept p={info['exponent']}, "
+          f"layers without attention {info['empty_layers'] or 'none'}; calibration loss before fitting:")
+    for k, v in info["calibration_loss_by_candidate"].items():
+        print(f"  {k}: {v:.4f}")
+    plain, _ = fn(teacher, cfg.budget, cfg.budget_kind, cfg.step, calibration=cal, exponents=(1.0,))
+    print(f"the plain-sum plan (p = 1): {'the same' if plain == plan else 'a different plan'}")
+
+
+if __name__ == "__main__":
+    main()
