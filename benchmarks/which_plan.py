@@ -2,7 +2,7 @@
 is the plain-sum plan (p = 1, every layer keeps attention): when it is, the plan and so every result fitted from it
 are what they were before the exponents were measured. Planning only (calibration and plan, no fitting).
 
-    python benchmarks/which_plan.py --budget-kind kv --budget 0.5 [--strategy measured-latent] [any compress flag]
+    python benchmarks/which_plan.py --budget-kind kv --budget 0.5 [--strategy measured-latent] [--quick] [any compress flag]
 """
 
 import argparse
@@ -16,6 +16,7 @@ from headalloc.compression.strategies import STRATEGIES, auto_strategy
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the quick preset's settings (else the defaults)")
     add_config_args(ap)
     cfg = config_from_args(ap.parse_args()).validate()
     teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)

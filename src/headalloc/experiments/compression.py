@@ -50,6 +50,9 @@ def compute(ctx: RunContext) -> dict:
                 **({"after_layerwise": m["after_layerwise"]} if "after_layerwise" in m else {}),
                 **({"heldout": m["heldout"]} if m.get("heldout") else {}),
                 "end_to_end": m["end_to_end"], "counts": counts(r.model), "plan": r.plan.to_dict()["layers"],
+                # which candidate our knapsacks kept (measured-latent, measured-lowrank), with every candidate's loss
+                "plan_choice": {k: r.plan.info[k] for k in ("exponent", "empty_layers", "calibration_loss_by_candidate")
+                                if k in r.plan.info},
                 "seconds_plan": m["seconds_plan"], "seconds_distill": m["seconds_distill"], "distill": m["distill"],
             }
             atomic_write_json(partial_path, partial)
