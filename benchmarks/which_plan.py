@@ -21,14 +21,14 @@ def main() -> None:
     cfg = config_from_args(ap.parse_args()).validate()
     teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     name = auto_strategy(teacher, cfg.budget_kind, cfg.target) if cfg.strategy == "auto" else cfg.strategy
+    if name not in ("measured-latent", "measured-lowrank"):  # before any loading of text or fitting
+        raise SystemExit(f"strategy {name!r} does not choose among exponents (measured-latent, measured-lowrank do)")
     fn = STRATEGIES[name].fn
     t = time.time()
     cal = calibration(teacher, tok, cfg)
     print(f"calibration: {time.time() - t:.0f} s", flush=True)
     t = time.time()
     plan, info = fn(teacher, cfg.budget, cfg.budget_kind, cfg.step, calibration=cal)
-    if "exponent" not in info:
-        raise SystemExit(f"strategy {name!r} does not choose among exponents (measured-latent, measured-lowrank do)")
     print(f"{name}, {cfg.budget_kind} budget {cfg.budget}: plan {time.time() - t:.0f} s; kept p={info['exponent']}, "
           f"layers without attention {info['empty_layers'] or 'none'}; calibration loss before fitting:")
     for k, v in info["calibration_loss_by_candidate"].items():

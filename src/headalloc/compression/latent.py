@@ -48,8 +48,8 @@ from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
 from headalloc.compression.reduce import Geometry, reduce_layer
 from headalloc.compression.spec import LayerPlan
-from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, choose, grid, layer_error,
-                                              strategy)
+from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, choose, empty_layer_error,
+                                              empty_plan, grid, layer_error, strategy)
 
 
 def _kv_weights_grad(attn, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +145,7 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                          empty: bool = False):
     """Ours over the peers' latents: per-layer ranks by measured loss increase and an exact knapsack."""
     _check_target(target, "measured-latent")
+    _check_exponents(exponents)
     cal = _with_grads(model, calibration, progress)
     g = Geometry.of(model)
     cands, e = _latent_errors(model, cal, step, progress)
@@ -163,14 +164,18 @@ def measured_latent_plan(model, budget: float, kind: str = "kv", step: int = 8,
                   "predicted_error": predicted}
 
 
+def _check_exponents(exponents) -> None:
+    if not exponents or any(not (isinstance(p, (int, float)) and p > 0) for p in exponents):
+        raise ValueError(f"exponents must be one or more positive numbers (1 is the plain sum); got {exponents!r}")
+
+
 def empty_layer_errors(model, cal: Calibration, progress: bool = False) -> np.ndarray:
     """(layers,): the measured error (`layer_error`) of removing each layer's attention entirely. Cached."""
     if "empty_errors" not in cal.cache:
-        ad, g = adapter_for(model), Geometry.of(model)
-        lp = LayerPlan(g.head_dim, g.head_dim, keep_kv=[], keep_rep=[])
         cal.cache["empty_errors"] = np.array([
-            layer_error(model, l, cal, *reduce_layer(ad.weights(model, l), None, lp, g, l))
-            for l in tqdm(range(g.n_layers), desc="measuring layers without attention", disable=not progress)])
+            empty_layer_error(model, l, cal)
+            for l in tqdm(range(Geometry.of(model).n_layers), desc="measuring layers without attention",
+                          disable=not progress)])
     return cal.cache["empty_errors"]
 
 
@@ -183,10 +188,11 @@ def choose_by_exponent(model, cal: Calibration, options: list[list[tuple[int, fl
     lowest loss on the calibration windows (`plan_losses`) is kept, so allowing empty layers can only change the
     plan where a plan with them measures better. Returns (plan, its predicted error as the plain sum,
     {"exponent", "empty_layers", "calibration_loss_by_candidate"})."""
+    _check_exponents(exponents)
     g = Geometry.of(model)
     families = {False: (options, labels)}
     if empty:
-        lp0 = LayerPlan(g.head_dim, g.head_dim, keep_kv=[], keep_rep=[])
+        lp0 = empty_plan(g)
         e0 = empty_layer_errors(model, cal, progress)
         c0 = g.spec(lp0).cost(g.hidden, kind)
         families[True] = ([o + [(c0, float(e0[l]))] for l, o in enumerate(options)],
@@ -281,6 +287,7 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
                          f"{target.name}; use --target any (or the measured strategy)")
     from headalloc.compression.reduce import factor_weights, output_moments
 
+    _check_exponents(exponents)
     cal = _with_grads(model, calibration, progress)
     ad, g = adapter_for(model), Geometry.of(model)
     hd, nq = g.head_dim, g.n_kv * g.n_rep * g.head_dim

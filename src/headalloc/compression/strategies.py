@@ -375,6 +375,18 @@ def head_removal_error(model, cal: Calibration) -> list[torch.Tensor]:
     return out
 
 
+def empty_plan(g: Geometry) -> LayerPlan:
+    """A layer without attention (no heads, no cache)."""
+    return LayerPlan(g.head_dim, g.head_dim, keep_kv=[], keep_rep=[])
+
+
+@torch.no_grad()
+def empty_layer_error(model, l: int, cal: Calibration) -> float:
+    """The measured error (`layer_error`) of removing layer l's attention entirely."""
+    g = Geometry.of(model)
+    return layer_error(model, l, cal, *reduce_layer(adapter_for(model).weights(model, l), None, empty_plan(g), g, l))
+
+
 @torch.no_grad()
 def _measure_pruning(model, cal: Calibration, kind: str, progress: bool, rank: str = "energy",
                      empty: bool = False, empty_from: int = 0):
@@ -400,8 +412,8 @@ def _measure_pruning(model, cal: Calibration, kind: str, progress: bool, rank: s
                 opts.append((g.spec(lp).cost(g.hidden, kind), err))
                 ps.append(lp)
         if empty and l >= empty_from:
-            lp = LayerPlan(hd, hd, keep_kv=[], keep_rep=[])
-            opts.append((g.spec(lp).cost(g.hidden, kind), layer_error(model, l, cal, *reduce_layer(w, None, lp, g, l))))
+            lp = empty_plan(g)
+            opts.append((g.spec(lp).cost(g.hidden, kind), empty_layer_error(model, l, cal)))
             ps.append(lp)
         options.append(opts)
         plans.append(ps)
