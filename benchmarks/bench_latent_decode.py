@@ -27,6 +27,7 @@ from headalloc.compression.modeling_headalloc import LatentAttention, MLAAttenti
 from headalloc.compression.reduce import Geometry, compress_model
 from headalloc.compression.spec import LayerPlan, Plan
 from headalloc.evaluation.lm import same_runtime, speed
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
 def rebuilt(model):
@@ -63,7 +64,7 @@ def main():
             outs = []
             for mod in (fast, slow):
                 o = mod(x[:, :-1], use_cache=True)
-                outs.append(mod(x[:, -1:], past_key_values=o.past_key_values, use_cache=True).logits)
+                outs.append(mod(x[:, -1:], **{CACHE_NAME: getattr(o, CACHE_NAME)}, use_cache=True).logits)
             print(f"{name}: max |logit difference| absorbed vs rebuilt, one decode step after 63 tokens: "
                   f"{float((outs[0] - outs[1]).abs().max()):.2e}")
     kv = {k: mod.kv_cache_bytes_per_token() if hasattr(mod, "kv_cache_bytes_per_token") else None

@@ -10,6 +10,7 @@ from headalloc.compression.calibration import collect
 from headalloc.compression.families import adapter_for
 from headalloc.compression.reduce import Geometry, compress_model, identity_plan, pair_importance
 from headalloc.compression.spec import LayerPlan
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
 def tiny_llama(seed=0):
@@ -43,7 +44,7 @@ def test_round_trip_through_save_pretrained(tmp_path):
         assert torch.allclose(loaded(ids).logits, student(ids).logits, atol=1e-6)
         out = loaded.generate(ids, max_new_tokens=5, do_sample=False)
         # the KV cache holds each layer's own widths
-        cache = loaded(ids, use_cache=True).past_key_values
+        cache = getattr(loaded(ids, use_cache=True), CACHE_NAME)
     assert out.shape == (1, 30)
     ks = [cache.layers[i].keys.shape for i in range(3)]
     vs = [cache.layers[i].values.shape for i in range(3)]
@@ -79,10 +80,10 @@ def test_decode_fast_path_equals_full_forward_and_is_used(monkeypatch):
     with torch.no_grad():
         full = student(ids, use_cache=False).logits
         out = student(ids[:, :8], use_cache=True)
-        cache, steps = out.past_key_values, []
+        cache, steps = getattr(out, CACHE_NAME), []
         for t in range(8, 14):
-            out = student(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = student(ids[:, t:t + 1], **{CACHE_NAME: cache}, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
             steps.append(out.logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full[:, 8:], atol=1e-5)
     assert calls.count(0) == 6 and len(calls) == 18

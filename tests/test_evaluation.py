@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from headalloc.compression.reduce import compress_model
 from headalloc.compression.spec import LayerPlan
 from headalloc.evaluation.lm import counts, perplexity, speed
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
 def models():
@@ -26,7 +27,7 @@ def test_counts_match_the_model():
         assert c["params_attention"] == attn
         ids = torch.randint(0, 80, (1, 10))
         with torch.no_grad():
-            cache = m(ids, use_cache=True).past_key_values
+            cache = getattr(m(ids, use_cache=True), CACHE_NAME)
         held = sum(l.keys.numel() + l.values.numel() for l in cache.layers) * 4
         assert c["kv_bytes_per_token"] * 10 == held
         # decode traffic: every matrix weight except the embedding table (one row is looked up), unless it
@@ -126,10 +127,10 @@ def test_batched_decode_from_a_repeated_cache_matches_single_sequence_decode():
         with torch.no_grad():
             one = m(input_ids=ids, use_cache=True)
             many = m(input_ids=ids, use_cache=True)
-            many.past_key_values.batch_repeat_interleave(3)
+            getattr(many, CACHE_NAME).batch_repeat_interleave(3)
             nxt = one.logits[:, -1:].argmax(-1)
-            a = m(input_ids=nxt, past_key_values=one.past_key_values, use_cache=True).logits
-            b = m(input_ids=nxt.repeat(3, 1), past_key_values=many.past_key_values, use_cache=True).logits
+            a = m(input_ids=nxt, **{CACHE_NAME: getattr(one, CACHE_NAME)}, use_cache=True).logits
+            b = m(input_ids=nxt.repeat(3, 1), **{CACHE_NAME: getattr(many, CACHE_NAME)}, use_cache=True).logits
         assert b.shape[0] == 3 and torch.allclose(b, a.expand_as(b), atol=1e-5)
         res = speed({"m": m, "slow": Slowed(m, 0.1)}, ids, contexts=(20,), new_tokens=2, repeats=1,
                     progress=False, batch=3)

@@ -12,13 +12,14 @@ from headalloc.compression.calibration import collect
 from headalloc.compression.reduce import Geometry, compress_model, whitened_low_rank
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 from headalloc.compression.strategies import make_plan
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
 def _one_token_at_a_time(model, ids, start):
     """Logits of positions start.. decoded one token per call from a cache of the prefix (the decode path)."""
     cache = DynamicCache(config=model.config.text_config)
-    model(ids[:, :start], past_key_values=cache, use_cache=True)
-    return torch.stack([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, 0]
+    model(ids[:, :start], **{CACHE_NAME: cache}, use_cache=True)
+    return torch.stack([model(ids[:, t:t + 1], **{CACHE_NAME: cache}, use_cache=True).logits[:, 0]
                         for t in range(start, ids.shape[1])], 1)
 
 
@@ -39,8 +40,8 @@ def test_full_rank_latents_are_the_family_model_and_cache_correctly(family):
         torch.testing.assert_close(st(ids).logits, want, atol=2e-5, rtol=1e-4)
         low = compress_model(m, Plan([_latent(g, 8, 16)] * g.n_layers), data)
         ref = low(ids).logits
-        a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
-        b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
+        a = low(ids[:, :9], **{CACHE_NAME: DynamicCache(config=low.config.text_config)}, use_cache=True)
+        b = low(ids[:, 9:], **{CACHE_NAME: getattr(a, CACHE_NAME)}, use_cache=True)
         torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)  # keys rebuilt from cached latents
         # one token per step reads values in the latent (absorbed): against HF's model at full rank, and low rank
         torch.testing.assert_close(_one_token_at_a_time(st, ids, 4), want[:, 4:], atol=2e-5, rtol=1e-4)
@@ -112,8 +113,8 @@ def test_mla_layers_with_every_pair_and_full_rank_are_the_family_model(family):
         torch.testing.assert_close(full(ids).logits, m(ids).logits, atol=2e-5, rtol=1e-4)
         low = compress_model(m, Plan([LayerPlan(hd, hd, kind="mla", rank=12, rope_keep=2)] * 3), data)
         ref = low(ids).logits
-        a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
-        b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
+        a = low(ids[:, :9], **{CACHE_NAME: DynamicCache(config=low.config.text_config)}, use_cache=True)
+        b = low(ids[:, 9:], **{CACHE_NAME: getattr(a, CACHE_NAME)}, use_cache=True)
         torch.testing.assert_close(b.logits, ref[:, 9:], atol=2e-5, rtol=1e-4)
         # one token per step: MLA's absorbed form (keys' non-rotary part and values never rebuilt)
         torch.testing.assert_close(_one_token_at_a_time(full, ids, 4), m(ids).logits[:, 4:], atol=2e-5, rtol=1e-4)

@@ -21,6 +21,7 @@ from headalloc.compression.llamacpp import check_exportable, export_gguf
 from headalloc.compression.reduce import Geometry, compress_model
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 from headalloc.compression.strategies import STRATEGIES, head_removal_error, make_plan
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 ENGINE = importlib.util.find_spec("llama_cpp") is not None
 needs_engine = pytest.mark.skipif(not ENGINE, reason="llama-cpp-python is not installed "
@@ -110,10 +111,10 @@ def test_a_layer_without_attention_is_the_family_model_with_that_attention_silen
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         # cached decoding equals recomputation; the cache records the tokens of the empty layer too
         cache = DynamicCache(config=student.config.text_config)
-        a = student(ids[:, :10], past_key_values=cache, use_cache=True)
-        b = student(ids[:, 10:], past_key_values=a.past_key_values, use_cache=True)
+        a = student(ids[:, :10], **{CACHE_NAME: cache}, use_cache=True)
+        b = student(ids[:, 10:], **{CACHE_NAME: getattr(a, CACHE_NAME)}, use_cache=True)
         torch.testing.assert_close(b.logits, want[:, 10:], atol=1e-5, rtol=1e-4)
-        assert b.past_key_values.get_seq_length(empty) == 17
+        assert getattr(b, CACHE_NAME).get_seq_length(empty) == 17
         # generation with the cache equals greedy recomputation (positions come from layer 0's cache)
         gen = student.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
         seq = ids[:1, :5]

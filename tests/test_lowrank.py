@@ -12,6 +12,7 @@ from headalloc.compression.reduce import Geometry, compress_model, output_moment
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
 from headalloc.compression.strategies import make_plan
 from headalloc.compression.targets import TARGETS
+from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3"])
@@ -28,8 +29,8 @@ def test_full_rank_factors_are_the_family_model_and_count_their_parameters(famil
         low = compress_model(m, Plan([LayerPlan(hd, hd, rank_q=5, rank_o=7), LayerPlan(hd, hd, rank_q=9),
                                       LayerPlan(hd, hd, rank_o=4)]), data)
         ref = low(ids).logits
-        a = low(ids[:, :9], past_key_values=DynamicCache(config=low.config.text_config), use_cache=True)
-        b = low(ids[:, 9:], past_key_values=a.past_key_values, use_cache=True)
+        a = low(ids[:, :9], **{CACHE_NAME: DynamicCache(config=low.config.text_config)}, use_cache=True)
+        b = low(ids[:, 9:], **{CACHE_NAME: getattr(a, CACHE_NAME)}, use_cache=True)
         torch.testing.assert_close(b.logits, ref[:, 9:], atol=3e-5, rtol=1e-4)
     for layer, spec in zip(low.model.layers, low.config.attn_layers):  # the budget's count is the modules' own
         assert HeadSpec.from_dict(spec).params(g.hidden) == sum(p.numel() for p in layer.self_attn.parameters())
