@@ -332,6 +332,31 @@ def test_topk_distill_loss_with_tail_bucket_is_kl_of_the_coarsened_distributions
         assert torch.allclose(tk["probs"], ref.values / ref.values.sum(-1, keepdim=True), atol=1e-6)
 
 
+def test_batched_calibration_passes_give_the_moments_of_transformers_hidden_states():
+    """collect with several windows per forward (as the pipeline's end-to-end windows are) gives the same
+    per-layer moments as computed densely from transformers' own hidden states, one window at a time, and the
+    same top-k targets; a batch that leaves a remainder counts every row once."""
+    from headalloc.compression.distill import TopKTargets
+
+    model = tiny_llama()
+    w = torch.randint(0, 120, (5, 12))
+    with torch.no_grad():
+        hidden = [model(input_ids=x[None], output_hidden_states=True).hidden_states for x in w]
+        ref = []
+        for i, layer in enumerate(model.model.layers):  # the attention reads the layer's normalised input
+            x = torch.cat([layer.input_layernorm(h[i])[0] for h in hidden]).double()
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+            ref.append(x.T @ x / len(x))
+        ref_top = torch.cat([torch.softmax(model(input_ids=x[None]).logits, -1) for x in w]).topk(8, -1)
+    for batch in (1, 2, 4):
+        top = TopKTargets(8)
+        cal = collect(model, w, keep=False, batch=batch, outputs=True, on_logits=top)
+        assert cal.tokens == w.numel()
+        for got, want in zip(cal.second_moment, ref):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(top.result()["ids"], ref_top.indices)
+
+
 def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
     from headalloc.compression.distill import distill_end_to_end
 
