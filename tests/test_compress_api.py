@@ -221,6 +221,12 @@ def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
     ids = tokenize_split(tok, load_corpus(str(books)), "train").tolist()
     from_books = [r for r in three.tolist() if any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16))]
     assert len(from_books) == 3 and int((three[:, 0] == start).sum()) >= 3  # three shares of three windows
+    # the labels name where each window came from: the book windows are exactly the ones labelled with the book
+    same, labels = fit_windows(model, tok, replace(cfg, fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0,
+                               False, parts=True)
+    assert torch.equal(same, three) and sorted(set(labels)) == sorted(["corpus", "generated", str(books)])
+    assert [r in from_books for r in three.tolist()] == [lab == str(books) for lab in labels]
+    assert all(int(r[0]) == start for r, lab in zip(three, labels) if lab == "generated")
     weighted = fit_windows(model, tok, replace(cfg, fit_text=f"corpus:2+generated+{books}").validate(), 8, 16, 0, False)
     assert sum(any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16)) for r in weighted.tolist()) == 2
     for bad in ("corpus+genrated", "corpus+corpus", "corpus:0+generated", "corpus:x"):

@@ -259,3 +259,47 @@ def test_our_knapsack_removes_a_layers_attention_that_adds_nothing(strategy, kin
     assert sum(g.spec(lp).cost(g.hidden, kind) for lp in chosen) <= budget * full
     assert sum(g.spec(lp).cost(g.hidden, kind) for l, lp in enumerate(chosen) if l != 1) > \
         sum(g.spec(lp).cost(g.hidden, kind) for l, lp in enumerate(dense) if l != 1)  # the freed budget is spent
+
+
+@pytest.mark.parametrize("strategy,kind,budget", OURS)
+def test_worst_part_selection_keeps_the_plan_with_the_smallest_largest_part_increase(strategy, kind, budget):
+    """With plan_select 'worst-part' the kept candidate is the one whose loss increase over the original, on the
+    part of the calibration text where it is largest, is smallest; every loss here by transformers' labels path,
+    per part, independently of the strategy's own measurement."""
+    from headalloc.compression.strategies import STRATEGIES
+
+    fn = STRATEGIES[strategy].fn
+    m = tiny("llama")
+    torch.manual_seed(1)
+    wide, narrow = torch.randint(0, 300, (3, 24)), torch.randint(0, 12, (3, 24))  # two kinds of "text"
+    data = collect(m, torch.cat([wide, narrow]), outputs=True)
+    data.parts = ["wide"] * 3 + ["narrow"] * 3
+    data.cache["plan_select"] = "worst-part"
+    exps = (1.0, 2.0, 3.0)
+    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=exps, empty=False)
+    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,), empty=False)[0] for p in exps}
+
+    def part_losses(model):
+        with torch.no_grad():
+            return {n: float(sum(model(input_ids=w[None], labels=w[None]).loss for w in ws)) / len(ws)
+                    for n, ws in (("wide", wide), ("narrow", narrow))}
+
+    base = part_losses(m)
+    worst = {}
+    for p, pl in alone.items():
+        got = part_losses(compress_model(m, Plan(pl), data))
+        worst[p] = max(got[n] - base[n] for n in got)
+    assert info["select"] == "worst-part" and chosen == alone[info["exponent"]]
+    assert worst[info["exponent"]] <= min(worst.values()) + 1e-6
+    reported = info["worst_part_increase_by_candidate"][f"p={info['exponent']}"]
+    assert reported[0] in ("wide", "narrow") and reported[1] == pytest.approx(worst[info["exponent"]], abs=1e-5)
+
+
+def test_plan_select_refuses_an_unknown_criterion():
+    from headalloc.compression.strategies import STRATEGIES
+
+    m = tiny("llama")
+    data = collect(m, torch.randint(0, 300, (2, 16)), outputs=True)
+    data.cache["plan_select"] = "median"
+    with pytest.raises(ValueError, match="plan_select must be one of mean, worst-part; got 'median'"):
+        STRATEGIES["measured-latent"].fn(m, 0.45, "kv", step=2, calibration=data, exponents=(1.0,))

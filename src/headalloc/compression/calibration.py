@@ -28,6 +28,7 @@ class Calibration:
     tokens: int
     grads: list[list[torch.Tensor]] | None = None  # per layer, per window: dLoss/d(attention output)
     out_moment: list[torch.Tensor] | None = None  # per layer: E[z z^T] of the output projection's input (outputs=True)
+    parts: list[str] | None = None  # per window: the part of the fitting text it came from (None: one kind)
     cache: dict = field(default_factory=dict)  # strategies' measurements, keyed by what they depend on
 
     @property

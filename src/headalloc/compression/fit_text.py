@@ -78,25 +78,29 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
     return arr
 
 
-def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True) -> torch.Tensor:
+def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True, parts: bool = False):
     """`n` windows of `length` tokens to fit on, per `cfg.fit_text`: shares of its parts by weight (the first takes
-    what does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled."""
+    what does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled.
+    `parts`: return (windows, the part each window came from), e.g. for choosing a plan by its worst part."""
     from headalloc.assets import token_windows
 
-    parts, weights = zip(*cfg.fit_shares)
-    if parts == ("corpus",):
-        return token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
+    names, weights = zip(*cfg.fit_shares)
+    if names == ("corpus",):
+        w = token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
+        return (w, ["corpus"] * len(w)) if parts else w
     total = sum(weights)
     shares = [n * w // total for w in weights[1:]]
     shares = [n - sum(shares)] + shares
-    out = []
-    for part, m in zip(parts, shares):
+    out, labels = [], []
+    for part, m in zip(names, shares):
         if not m:
             continue
+        labels += [part] * m
         if part == "generated":
             out.append(generated_windows(teacher, tok, cfg.corpus, m, length, seed, cfg.gen_prompt,
                                          cfg.gen_temperature, cfg.gen_batch, progress=progress))
         else:
             out.append(token_windows(tok, cfg.corpus if part == "corpus" else part, "train", length, m, seed=seed))
     w = torch.cat(out)
-    return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))]
+    order = torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))
+    return (w[order], [labels[i] for i in order.tolist()]) if parts else w[order]

@@ -48,6 +48,7 @@ from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
 from headalloc.compression.reduce import Geometry, reduce_layer
 from headalloc.compression.spec import LayerPlan
+from headalloc.compression.settings import PLAN_SELECT_CHOICES
 from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, choose, empty_layer_error,
                                               empty_plan, grid, layer_error, strategy)
 
@@ -201,36 +202,85 @@ def choose_by_exponent(model, cal: Calibration, options: list[list[tuple[int, fl
     for with_empty, (opts, labs) in families.items():
         for p in exponents:
             plans[(p, with_empty)], _ = choose(g, [[(c, err ** p) for c, err in o] for o in opts], labs, budget, kind)
-    losses = plan_losses(model, cal, plans, progress)
+    select = cal.cache.get("plan_select", "mean")
+    if select not in PLAN_SELECT_CHOICES:
+        raise ValueError(f"plan_select must be one of {', '.join(PLAN_SELECT_CHOICES)}; got {select!r}")
+    per_window = plan_losses(model, cal, plans, progress, per_window=True)
+    losses = {k: float(v.mean()) for k, v in per_window.items()}
+    extra = {}
+    if select == "worst-part":
+        worst = worst_part_increase(model, cal, per_window)
+        extra = {"worst_part_increase_by_candidate": {_name(k): v for k, v in worst.items()}}
+        score = {k: v[1] for k, v in worst.items()}
+    else:
+        score = losses
     # a tie is the same plan: name it by p nearest 1, without empty layers
-    best = min(losses, key=lambda k: (losses[k], k[1], abs(k[0] - 1)))
+    best = min(score, key=lambda k: (score[k], k[1], abs(k[0] - 1)))
     plan = plans[best]
     opts, labs = families[best[1]]
     picks = [labs[l].index(lp) for l, lp in enumerate(plan)]
     predicted = float(sum(opts[l][j][1] for l, j in enumerate(picks)))
     return plan, predicted, {"exponent": best[0], "empty_layers": [l for l, lp in enumerate(plan) if lp.empty],
-                             "calibration_loss_by_candidate": {f"p={p}{', empty layers allowed' if e else ''}": v
-                                                               for (p, e), v in losses.items()}}
+                             "select": select,
+                             "calibration_loss_by_candidate": {_name(k): v for k, v in losses.items()}, **extra}
+
+
+def _name(key: tuple[float, bool]) -> str:
+    p, e = key
+    return f"p={p}{', empty layers allowed' if e else ''}"
 
 
 @torch.no_grad()
-def plan_losses(model, cal: Calibration, plans: dict, progress: bool = False) -> dict:
-    """The whole compressed model's next-token loss on the calibration windows, before any fitting, for each
-    candidate plan (keyed as given; identical plans are built and measured once)."""
-    from headalloc.compression.reduce import compress_model
-    from headalloc.evaluation.lm import perplexity
+def worst_part_increase(model, cal: Calibration, per_window: dict) -> dict:
+    """For each candidate (its per-window losses from `plan_losses(per_window=True)`): (the part of the fitting
+    text, the mean loss increase over the original model there) for the part where that increase is largest. The
+    parts are `cal.parts` (one part when the calibration does not name them); the increase in nats is the log of
+    the perplexity ratio to the original on that part."""
+    parts = cal.parts or ["all"] * len(cal.windows)
+    if len(parts) != len(cal.windows):
+        raise ValueError(f"the calibration names {len(parts)} parts for {len(cal.windows)} windows")
+    if "teacher_window_nll" not in cal.cache:
+        cal.cache["teacher_window_nll"] = _window_nll(model, cal.windows)
+    base = cal.cache["teacher_window_nll"]
+    names = sorted(set(parts))
+    idx = {n: torch.tensor([i for i, q in enumerate(parts) if q == n]) for n in names}
+    out = {}
+    for k, v in per_window.items():
+        inc = {n: float((v[i] - base[i]).mean()) for n, i in idx.items()}
+        part = max(inc, key=inc.get)
+        out[k] = (part, inc[part])
+    return out
 
-    seen: list[tuple[list[LayerPlan], float]] = []
+
+def _window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """(n,) float64: each window's mean next-token loss (transformers' own cross-entropy on its logits)."""
+    device = model.get_input_embeddings().weight.device
+    out = []
+    for w in windows:
+        logits = model(input_ids=w[None].to(device)).logits[0, :-1].double().cpu()
+        out.append(torch.nn.functional.cross_entropy(logits, w[1:]))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def plan_losses(model, cal: Calibration, plans: dict, progress: bool = False, per_window: bool = False) -> dict:
+    """The whole compressed model's next-token loss on the calibration windows, before any fitting, for each
+    candidate plan (keyed as given; identical plans are built and measured once): the mean over every token, or
+    with `per_window` each window's mean, (n,) float64 (the windows are of equal length, so their mean is the
+    former)."""
+    from headalloc.compression.reduce import compress_model
+
+    seen: list[tuple[list[LayerPlan], torch.Tensor]] = []
     out = {}
     dtype = next(model.parameters()).dtype
     for k, layers in tqdm(plans.items(), desc="measuring candidate plans", disable=not progress, leave=False):
         same = [v for other, v in seen if other == list(layers)]
         if not same:
             student = compress_model(model, layers, cal, dtype=dtype)
-            same = [perplexity(student, cal.windows, False)["nll"]]
+            same = [_window_nll(student, cal.windows)]
             seen.append((list(layers), same[0]))
             del student
-        out[k] = same[0]
+        out[k] = same[0] if per_window else float(same[0].mean())
     return out
 
 

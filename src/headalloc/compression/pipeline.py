@@ -86,11 +86,12 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
 
     cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
     t = time.time()
-    w = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress)
+    w, parts = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress, parts=True)
     kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress) \
         if cfg.moment_windows else None
     fit_seconds = time.time() - t  # the fitting text: tokenising, or sampling it from the original (once per setting)
     cal = collect(teacher, w, keep=True, progress=progress, outputs=cfg.moment_windows > 0)
+    cal.parts = parts
     cal.cache["seconds_fit_text"] = fit_seconds
     if cfg.moment_windows:
         # the whitening statistics from more text: an evenly spaced subset of the end-to-end fitting windows (the
@@ -259,6 +260,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         cal = calibration(teacher, tok, cfg, progress)
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
                            f"target {cfg.target}")
+    cal.cache["plan_select"] = cfg.plan_select  # read by the factorised strategies' choice among candidates
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)
     metrics["seconds_plan"] = time.time() - t0

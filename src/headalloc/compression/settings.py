@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # what the end-to-end stage may train, and its mixed precision (`distill.distill_end_to_end` checks against these too)
 KD_TRAIN_CHOICES = ("attention", "reduced", "layers")
 KD_AUTOCAST_CHOICES = ("none", "bfloat16")
+# how the factorised strategies pick among candidate plans (`latent.choose_by_exponent`)
+PLAN_SELECT_CHOICES = ("mean", "worst-part")
 
 
 def _f(default, help: str, group: str, choices=None, cli: bool = True):
@@ -34,6 +36,12 @@ class CompressConfig:
                             "counts and widths) or 'llamacpp' (GGUF for llama.cpp: per-layer head counts only, "
                             "original head width; a layer may lose its attention)", "plan", tuple(TARGETS))
     step: int = _f(8, "candidate widths are multiples of this (even, up to the head dim)", "plan")
+    # session 19: "worst-part" measured against the default "mean" at KV 0.25 (docs/compression.md)
+    plan_select: str = _f("mean", "how our factorised strategies (measured-latent, measured-lowrank) pick among their "
+                                  "candidate plans, each measured on the calibration windows before any fitting: "
+                                  "the lowest loss over all windows ('mean'), or the smallest loss increase over the "
+                                  "original on the part of the fitting text where it is largest ('worst-part': "
+                                  "robust to the kind of text)", "plan", PLAN_SELECT_CHOICES)
     # calibration text: planning, calibration and both distillation stages read only its train split
     corpus: str = _f("wiki", "calibration/distillation text: 'wiki', 'pydoc', a text file (documents separated "
                              "by blank lines) or a .jsonl file of {\"text\": ...} documents", "calibration")
