@@ -290,7 +290,9 @@ def test_moments_over_more_windows_pool_the_calibration_and_fitting_windows():
     both = torch.cat([cal.windows, kd[torch.tensor([0, 2, 4])]])
     whole = collect(m, both, keep=True)
     for l in range(3):
-        torch.testing.assert_close(cal.second_moment[l], whole.second_moment[l])
+        # the calibration runs the fitting windows 4 to a forward; the float32 sums then differ in rounding order
+        # from one forward over all windows (CI's CPU: 5e-7 relative), so the bound is float32 accumulation's
+        torch.testing.assert_close(cal.second_moment[l], whole.second_moment[l], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(output_moments(m, cal)[l], output_moments(m, whole)[l], atol=1e-6, rtol=1e-4)
 
 
