@@ -77,8 +77,8 @@ def auto_strategy(model, kind: str = "params", target: str | Target = "any") -> 
     Wikipedia / alice / pydoc ratios to the original; docs/compression.md): under a parameter budget
     measured-lowrank (1.10x / 1.27x / 1.44x, session 15; measured, which narrows or removes heads, at session 8's
     settings: 1.25x / 2.14x / 2.43x); under a KV budget measured-latent (1.05x / 1.13x / 1.11x, session 16, with the KV budget's fitting text
-    and shrunk moments; Palu at the same settings 1.07x / 1.16x / 1.15x; at KV 0.25 ours 1.30x / 1.66x / 1.57x against
-    Palu's 1.33x / 1.64x / 1.58x, session 18). Where the target keeps
+    and shrunk moments; Palu at the same settings 1.07x / 1.16x / 1.15x; at KV 0.25, the mean of two seeds, ours 1.31x / 1.66x / 1.54x against
+    Palu's 1.35x / 1.68x / 1.58x, sessions 18-20). Where the target keeps
     every head's width (llama.cpp) or keys cannot go through a latent (per-head q/k norms) under a KV budget:
     measured."""
     t = get_target(target) if isinstance(target, str) else target
