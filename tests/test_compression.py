@@ -478,3 +478,43 @@ def test_bfloat16_autocast_end_to_end_keeps_float32_weights_and_tracks_the_float
     assert abs(r16["loss_after"] - r32["loss_after"]) < 0.1 * (r32["loss_before"] - r32["loss_after"])
     with pytest.raises(ValueError, match="autocast must be"):
         distill_end_to_end(model, s16, w, steps=1, progress=False, autocast="float8")
+
+
+def test_full_vocabulary_distill_loss_is_kl_plus_entropy():
+    from headalloc.compression.distill import full_distill_loss
+
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(2, 5, 30), torch.randn(2, 5, 30)
+    p = torch.softmax(t_logits, -1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s_logits, -1), p, reduction="sum") / 10
+    entropy = -(p * p.log()).sum(-1).mean()
+    torch.testing.assert_close(full_distill_loss(s_logits, t_logits), kl + entropy)
+    # soft-target cross-entropy, torch's own
+    ce = torch.nn.functional.cross_entropy(s_logits.reshape(-1, 30), p.reshape(-1, 30))
+    torch.testing.assert_close(full_distill_loss(s_logits, t_logits), ce)
+
+
+def test_end_to_end_full_vocabulary_matches_stored_targets_over_the_whole_vocabulary():
+    """kd k=0 (the teacher run at every step, the whole distribution) trains exactly as stored top-k targets with
+    k = the vocabulary size (nothing renormalised away): the same weights after the same steps."""
+    import copy
+
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    a = compress_model(model, [LayerPlan(4, 4)] * 3)
+    b = copy.deepcopy(a)
+    w = torch.randint(0, 120, (6, 24))
+    ra = distill_end_to_end(model, a, w, steps=40, lr=1e-3, k=0, progress=False)
+    rb = distill_end_to_end(model, b, w, steps=40, lr=1e-3, k=120, progress=False, tail=False)
+    assert ra["loss_after"] < ra["loss_before"]
+    assert ra["loss_before"] == pytest.approx(rb["loss_before"], rel=1e-5)
+    with torch.no_grad():  # the reported loss is the soft cross-entropy against the teacher, from the logits
+        want = sum(torch.nn.functional.cross_entropy(
+            a(input_ids=w[i:i + 1]).logits[0], torch.softmax(model(input_ids=w[i:i + 1]).logits[0], -1))
+            for i in range(4)) / 4
+    assert ra["loss_after"] == pytest.approx(float(want), rel=1e-5)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="k >= 0"):
+        distill_end_to_end(model, a, w, steps=1, k=-1, progress=False)

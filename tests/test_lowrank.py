@@ -326,3 +326,30 @@ def test_one_teacher_pass_gives_the_moments_and_those_windows_distillation_targe
     assert got["mass"] == pytest.approx(ref["mass"])
     with pytest.raises(ValueError, match="cover"):
         merge_topk(5, [(torch.tensor([0, 1]), ref)])
+
+
+def test_full_vocabulary_kl_stores_no_targets_and_runs_no_extra_teacher_pass():
+    """kd_topk 0: the calibration's pass over the moment windows keeps no targets and kd_targets runs the teacher on
+    no window (the end-to-end stage runs it at each step); a negative kd_topk is refused by name."""
+    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.settings import preset
+
+    m = tiny("llama-bias")
+    tok = tiny_tokenizer()
+    cfg = preset("default", budget=0.5, strategy="measured-lowrank", moment_windows=3, calib_windows=2,
+                 calib_length=16, kd_windows=5, kd_length=16, kd_topk=0, corpus="pydoc", fit_text="corpus",
+                 heldout="none")
+    cfg.validate()
+    rows = []
+    hook = m.model.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)
+    try:
+        cal = calibration(m, tok, cfg)
+        rows.clear()
+        w, targets = kd_targets(m, tok, cfg, cal, progress=False)
+    finally:
+        hook.remove()
+    assert targets is None and rows == [] and w.shape == (5, 16)
+    assert not any(k[-1] == "part" for k in cal.cache if isinstance(k, tuple))
+    with pytest.raises(ValueError, match="kd_topk"):
+        preset("default", budget=0.5, kd_topk=-1).validate()

@@ -165,6 +165,14 @@ def topk_distill_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tens
     return -((p_k * logq_k).sum(-1) + tail * rest).mean()
 
 
+def full_distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's whole next-token distribution, per token (mean):
+    KL(teacher || student) + the teacher's entropy, the limit of `topk_distill_loss` as k reaches the vocabulary
+    (the same units, so the two losses compare)."""
+    p = torch.softmax(teacher_logits.float(), -1)
+    return -(p * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
 def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2, each decoder layer's output (the
     embedding output, identical in both, is skipped). Per-token normalisation keeps the few tokens
@@ -213,10 +221,12 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
 
     if anchor < 0:
         raise ValueError(f"anchor must be >= 0; got {anchor}")
-    if steps < 0 or batch < 1 or k < 1 or hidden_weight < 0:
-        raise ValueError(f"steps must be >= 0, batch >= 1, k >= 1 and hidden_weight >= 0; got steps={steps}, "
-                         f"batch={batch}, k={k}, hidden_weight={hidden_weight}")
-    targets = targets or teacher_topk(teacher, windows, k, progress)
+    if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
+        raise ValueError(f"steps must be >= 0, batch >= 1, k >= 0 (0: the full vocabulary) and hidden_weight >= 0; "
+                         f"got steps={steps}, batch={batch}, k={k}, hidden_weight={hidden_weight}")
+    full = k == 0  # the full-vocabulary KL: the teacher runs beside the student at every step, nothing stored
+    if not full:
+        targets = targets or teacher_topk(teacher, windows, k, progress)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if autocast not in AUTOCAST_CHOICES:
@@ -230,15 +240,22 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         p.requires_grad_(False)
 
     n_report = min(len(windows), report_windows)
-    if tail and "tail" not in targets:
+    if not full and tail and "tail" not in targets:
         raise ValueError("tail=True needs targets with the teacher's tail mass (from teacher_topk)")
-    tails = targets["tail"] if tail else None
+    tails = targets["tail"] if tail and not full else None
+
+    def loss_on(logits: torch.Tensor, idx: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        if full:
+            if teacher_logits is None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=windows[idx].to(dev)).logits
+            return full_distill_loss(logits, teacher_logits.to(logits.device))
+        return topk_distill_loss(logits, targets["ids"][idx].to(logits.device), targets["probs"][idx].to(logits.device),
+                                 tails[idx].to(logits.device) if tails is not None else None)
 
     @torch.no_grad()
     def full_loss() -> float:  # on the first `report_windows` windows (a progress report, not an evaluation)
-        return float(sum(topk_distill_loss(student(input_ids=windows[i][None].to(dev)).logits[0].cpu(),
-                                           targets["ids"][i], targets["probs"][i],
-                                           tails[i] if tails is not None else None)
+        return float(sum(loss_on(student(input_ids=windows[i:i + 1].to(dev)).logits, torch.tensor([i]))
                          for i in range(n_report)) / n_report)
 
     was_training = student.training
@@ -257,12 +274,13 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         idx = torch.randint(0, len(windows), (batch,), generator=g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
             out = student(input_ids=windows[idx].to(dev), output_hidden_states=hidden_weight > 0)
-        loss = topk_distill_loss(out.logits, targets["ids"][idx].to(dev), targets["probs"][idx].to(dev),
-                                 tails[idx].to(dev) if tails is not None else None)
-        if hidden_weight > 0:
+        t_out = None
+        if hidden_weight > 0:  # (one teacher forward serves the hidden states and, if full, the logits)
             with torch.no_grad():
-                t_hidden = teacher(input_ids=windows[idx].to(dev), output_hidden_states=True).hidden_states
-                t_hidden = [t.to(out.hidden_states[0].dtype) for t in t_hidden]
+                t_out = teacher(input_ids=windows[idx].to(dev), output_hidden_states=True)
+        loss = loss_on(out.logits, idx, t_out.logits if t_out is not None else None)
+        if hidden_weight > 0:
+            t_hidden = [t.to(out.hidden_states[0].dtype) for t in t_out.hidden_states]
             loss = loss + hidden_weight * hidden_state_loss(out.hidden_states, t_hidden)
         if init:
             loss = loss + anchor * sum((p - p0).float().square().sum() / n0 for p, p0, n0 in init)
@@ -281,4 +299,4 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
             "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor, "autocast": autocast,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
-            "teacher_topk_mass": targets["mass"], "train_curve": curve}
+            "teacher_topk_mass": 1.0 if full else targets["mass"], "train_curve": curve}

@@ -98,11 +98,12 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         # same draw as kd_targets', so generated text is sampled once), pooled with the calibration windows'.
         # The same forward passes give those windows' top-k distillation targets (kd_targets computes the rest)
         idx = torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long().unique()
-        top = TopKTargets(cfg.kd_topk)
+        top = TopKTargets(cfg.kd_topk) if cfg.kd_topk else None  # (kd_topk 0: the teacher runs at each step)
         # (4 windows per forward: the same top-k targets bit for bit and the moments to about 1e-7, in less time;
         # the calibration windows above stay one per forward, as their stored inputs are per window)
         extra = collect(teacher, kd[idx], keep=False, batch=4, progress=progress, outputs=True, on_logits=top)
-        cal.cache[_kd_key(cfg) + ("part",)] = (idx, top.result())
+        if top is not None:
+            cal.cache[_kd_key(cfg) + ("part",)] = (idx, top.result())
         n = cal.tokens + extra.tokens
         cal.second_moment = [(a * cal.tokens + b * extra.tokens) / n
                              for a, b in zip(cal.second_moment, extra.second_moment)]
@@ -136,12 +137,15 @@ def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
     """Training-split windows for end-to-end distillation (a draw separate from the calibration
-    windows) and the teacher's top-k targets on them; cached on the calibration so strategies share them."""
+    windows) and the teacher's top-k targets on them (None with kd_topk 0: the full-vocabulary KL runs the teacher
+    at each step); cached on the calibration so strategies share them."""
     from headalloc.compression.distill import merge_topk, teacher_topk
     from headalloc.compression.fit_text import fit_windows
 
     cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
     key = _kd_key(cfg)
+    if key not in cal.cache and not cfg.kd_topk:  # the full-vocabulary KL: no stored targets
+        cal.cache[key] = (fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress), None)
     if key not in cal.cache:
         w = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress)
         # windows whose targets the calibration pass already computed (moment_windows) are not run again

@@ -114,7 +114,9 @@ class CompressConfig:
     kd_windows: int = _f(600, "distinct training windows for the end-to-end stage", "end-to-end distillation")
     kd_length: int = _f(256, "tokens per end-to-end window", "end-to-end distillation")
     kd_batch: int = _f(1, "windows per end-to-end step", "end-to-end distillation")
-    kd_topk: int = _f(32, "teacher probabilities kept per position (top k)", "end-to-end distillation")
+    kd_topk: int = _f(32, "teacher probabilities kept per position (top k); 0 = the full-vocabulary KL, the "
+                          "teacher run beside the student at every step (no stored targets)",
+                      "end-to-end distillation")
     kd_tail: bool = _f(True, "keep the teacher's mass outside its top k as one extra bucket (off: renormalised "
                              "top k)", "end-to-end distillation")
     kd_train: str = _f("attention", "what the end-to-end stage trains: every attention projection, only the "
@@ -211,10 +213,12 @@ class CompressConfig:
         self = self.resolved()
 
         check_budget(self.budget, self.strategy, self.budget_kind)
-        for name in ("calib_windows", "calib_length", "kd_windows", "kd_length", "kd_batch", "kd_topk", "gen_batch",
+        for name in ("calib_windows", "calib_length", "kd_windows", "kd_length", "kd_batch", "gen_batch",
                      "eval_windows", "eval_length", "step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.kd_topk < 0:
+            raise ValueError(f"kd_topk must be >= 1, or 0 for the full-vocabulary KL; got {self.kd_topk}")
         if self.step % 2:
             raise ValueError(f"step must be even (query-key widths are whole rotary pairs); got {self.step}")
         for name in ("distill_steps", "kd_steps"):
