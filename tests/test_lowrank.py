@@ -120,8 +120,9 @@ def test_a_saved_factorised_model_loads_without_headalloc_in_bfloat16(tmp_path):
     data = collect(m, torch.randint(0, 300, (3, 20)))
     plan = Plan([LayerPlan(hd, hd, rank_q=8, rank_o=12),
                  LayerPlan(hd, hd, kind="palu", rank_k=8, rank_v=16, rank_q=16),
-                 LayerPlan(hd // 2, hd, rank_o=10)])
+                 LayerPlan(hd // 2, hd, rank_o=10, o_groups=2)])  # (a block-diagonal output down factor)
     st = compress_model(m, plan, data, dtype=torch.bfloat16)
+    assert type(st.model.layers[2].self_attn.o_proj.down).__name__ == "BlockDown"
     from headalloc.compression.export import save_compressed
 
     save_compressed(st, tiny_tokenizer(), tmp_path / "m")
@@ -353,3 +354,83 @@ def test_full_vocabulary_kl_stores_no_targets_and_runs_no_extra_teacher_pass():
     assert not any(k[-1] == "part" for k in cal.cache if isinstance(k, tuple))
     with pytest.raises(ValueError, match="kd_topk"):
         preset("default", budget=0.5, kd_topk=-1).validate()
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2", "phi3"])
+def test_block_output_factors_at_full_block_rank_are_the_family_model_and_count_their_parameters(family):
+    """A block-diagonal output down factor (o_groups = kv heads): exact at full rank per block against the family's
+    own model; at low rank the budget's parameter count is the modules' own and a cached decode matches the full
+    forward."""
+    m = tiny(family)
+    g = Geometry.of(m)
+    hd, nq = g.head_dim, g.n_kv * g.n_rep * g.head_dim
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    st = compress_model(m, Plan([LayerPlan(hd, hd, rank_o=nq, o_groups=g.n_kv)] * g.n_layers), data)
+    ids = torch.randint(0, 300, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(st(ids).logits, m(ids).logits, atol=3e-5, rtol=1e-4)
+        low = compress_model(m, Plan([LayerPlan(hd, hd, rank_o=8, o_groups=g.n_kv),
+                                      LayerPlan(hd, hd, rank_q=6, rank_o=12, o_groups=g.n_kv),
+                                      LayerPlan(hd, hd, rank_o=8)]), data)
+        ref = low(ids).logits
+        a = low(ids[:, :9], **{CACHE_NAME: DynamicCache(config=low.config.text_config)}, use_cache=True)
+        b = low(ids[:, 9:], **{CACHE_NAME: getattr(a, CACHE_NAME)}, use_cache=True)
+        torch.testing.assert_close(b.logits, ref[:, 9:], atol=3e-5, rtol=1e-4)
+    for layer, spec in zip(low.model.layers, low.config.attn_layers):
+        assert HeadSpec.from_dict(spec).params(g.hidden) == sum(p.numel() for p in layer.self_attn.parameters())
+    assert low.config.attn_layers[0]["o_groups"] == g.n_kv and low.config.attn_layers[2]["o_groups"] == 0
+    with pytest.raises(ValueError, match="block-diagonal"):
+        compress_model(m, Plan([LayerPlan(hd, hd, rank_o=9, o_groups=g.n_kv)] * g.n_layers), data)
+
+
+def test_block_output_factor_has_the_least_squares_up_factor_and_beats_its_blocks_alone():
+    """block_whitened_low_rank: the down factor is block-diagonal, each block the whitened truncated SVD of its
+    columns (checked against torch's SVD of the whitened block); the shared up factor makes the error's gradient
+    vanish (autograd) and so is no worse than the blocks' own up factors."""
+    from headalloc.compression.reduce import block_whitened_low_rank
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    A = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    C = A @ A.T / 40 + 0.3 * torch.ones(12, 12, dtype=torch.float64)  # correlated across the blocks
+    up, down = block_whitened_low_rank(W, C, rank=6, groups=3)
+    assert up.shape == (10, 6) and down.shape == (3, 2, 4)
+    D = torch.block_diag(*down.double())
+    U = up.double().requires_grad_(True)
+    err = torch.trace((W - U @ D) @ C @ (W - U @ D).T)
+    err.backward()
+    assert U.grad.abs().max() < 1e-4 * float(err.detach())
+    # each block alone: the best rank-2 map of its columns in its own metric (Eckart-Young)
+    alone = torch.zeros_like(W)
+    for j in range(3):
+        b = slice(4 * j, 4 * j + 4)
+        e, V = torch.linalg.eigh(C[b, b])
+        S = (V * e.sqrt()) @ V.T
+        u, sv, vt = torch.linalg.svd(W[:, b] @ S)
+        alone[:, b] = (u[:, :2] * sv[:2]) @ vt[:2] @ torch.linalg.inv(S)
+        # the block's down rows span the same row space as the SVD's
+        P = vt[:2] @ torch.linalg.inv(S)
+        Q = D[2 * j:2 * j + 2, b]
+        assert int(torch.linalg.matrix_rank(torch.cat([P, Q]), rtol=1e-5)) == 2  # (float32 factors)
+    err_alone = torch.trace((W - alone) @ C @ (W - alone).T)
+    assert float(err.detach()) <= float(err_alone) + 1e-6
+
+
+def test_measured_lowrank_with_output_groups_meets_the_budget_and_measures_both_structures():
+    from headalloc.compression.latent import measured_lowrank_plan
+
+    m = tiny("llama-bias")
+    g = Geometry.of(m)
+    data = collect(m, torch.randint(0, 300, (3, 20)))
+    data.cache["output_groups"] = True
+    full = g.spec(g.full()).cost(g.hidden, "params") * g.n_layers
+    for b in (0.5, 0.35):
+        plan, info = measured_lowrank_plan(m, b, "params", step=4, calibration=data)
+        assert info["output_groups"] == g.n_kv and info["rank_grid_o_groups"]
+        st = compress_model(m, Plan(plan), data)
+        used = sum(HeadSpec.from_dict(a).params(g.hidden) for a in st.config.attn_layers)
+        assert used <= b * full
+        assert sum(p.numel() for layer in st.model.layers for p in layer.self_attn.parameters()) == used
+    key = next(k for k in data.cache if isinstance(k, tuple) and k[0] == "qo_rank_errors")
+    e = data.cache[key]
+    assert (e[:, 2, :len(info["rank_grid_o_groups"])] > 0).all()  # every grouped candidate measured

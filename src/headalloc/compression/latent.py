@@ -345,10 +345,16 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     base = g.spec(full_lp).cost(g.hidden, kind)
     delta = lambda lp: g.spec(lp).cost(g.hidden, kind) - base  # noqa: E731  (costs add across projections)
     rq, ro = rank_grid(g.hidden, nq, step), rank_grid(nq, g.hidden, step)
-    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"))
+    # output_groups: also output projections with a block-diagonal down factor, one block per kv group, at
+    # total ranks costing about what the whole-matrix grid's do (the knapsack picks per layer)
+    og = g.n_kv if cal.cache.get("output_groups") and g.n_kv > 1 and g.n_rep * hd <= g.hidden else 0
+    rg = sorted({og * step * max(1, round(r * (nq + g.hidden) / (nq // og + g.hidden) / (og * step))) for r in ro}
+                if og else set())
+    rg = [r for r in rg if r * (nq // og + g.hidden) < nq * g.hidden and r // og <= nq // og]
+    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"), og, tuple(rg))
     if key not in cal.cache:
         output_moments(model, cal)
-        e = np.zeros((g.n_layers, 2, max(len(rq), len(ro))))
+        e = np.zeros((g.n_layers, 3, max(len(rq), len(ro), len(rg))))
         for l in tqdm(range(g.n_layers), desc="measuring query/output ranks", disable=not progress):
             w, M = ad.weights(model, l), cal.second_moment[l]
             sc: dict = {}
@@ -357,6 +363,9 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
             for i, r in enumerate(ro):
                 e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_o=r), g, l, sc,
                                                                       **factor_weights(cal, l)))
+            for i, r in enumerate(rg):
+                e[l, 2, i] = layer_error(model, l, cal, *reduce_layer(
+                    w, M, LayerPlan(hd, hd, rank_o=r, o_groups=og), g, l, sc, **factor_weights(cal, l)))
         cal.cache[key] = e
     e_qo = cal.cache[key]
     latent_ok = not g.qk_norm  # latent keys cannot carry per-head q/k norms
@@ -373,7 +382,9 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     options, labels = [], []
     for l in range(g.n_layers):
         qs = [(0, 0.0, None)] + [(delta(LayerPlan(hd, hd, rank_q=r)), e_qo[l, 0, i], r) for i, r in enumerate(rq)]
-        os_ = [(0, 0.0, None)] + [(delta(LayerPlan(hd, hd, rank_o=r)), e_qo[l, 1, i], r) for i, r in enumerate(ro)]
+        os_ = [(0, 0.0, (None, None))] + \
+            [(delta(LayerPlan(hd, hd, rank_o=r)), e_qo[l, 1, i], (r, None)) for i, r in enumerate(ro)] + \
+            [(delta(LayerPlan(hd, hd, rank_o=r, o_groups=og)), e_qo[l, 2, i], (r, og)) for i, r in enumerate(rg)]
         qo = _pareto([(a[0] + b[0], a[1] + b[1], a[2], b[2]) for a in _pareto(qs) for b in _pareto(os_)])
         kvs = [(0, 0.0, None, None)]
         if latent_ok:
@@ -381,17 +392,18 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
             kvs += [(delta(LayerPlan(hd, hd, kind="palu", rank_k=a, rank_v=b)), err(0, a) + err(1, b), a, b)
                     for a in kv_ranks for b in kv_ranks]
         opts, labs = [], []
-        for c1, e1, q, o in qo:
+        for c1, e1, q, (o, o_groups) in qo:
             for c2, e2, k, v in _pareto(kvs):
-                lp = LayerPlan(hd, hd, rank_q=q, rank_o=o) if k is None else \
-                    LayerPlan(hd, hd, kind="palu", rank_k=k, rank_v=v, rank_q=q, rank_o=o)
+                lp = LayerPlan(hd, hd, rank_q=q, rank_o=o, o_groups=o_groups) if k is None else \
+                    LayerPlan(hd, hd, kind="palu", rank_k=k, rank_v=v, rank_q=q, rank_o=o, o_groups=o_groups)
                 opts.append((g.spec(lp).cost(g.hidden, kind), e1 + e2, lp))
         front = _pareto(opts)
         options.append([(c, err) for c, err, _ in front])
         labels.append([lp for _, _, lp in front])
     plan, predicted, info = choose_by_exponent(model, cal, options, labels, budget, kind, exponents, progress, empty)
-    return plan, {"rank_grid_q": rq, "rank_grid_o": ro,
-                  "ranks": [{"q": lp.rank_q, "o": lp.rank_o, "k": lp.rank_k, "v": lp.rank_v} for lp in plan],
+    return plan, {"rank_grid_q": rq, "rank_grid_o": ro, "rank_grid_o_groups": rg, "output_groups": og,
+                  "ranks": [{"q": lp.rank_q, "o": lp.rank_o, "o_groups": lp.o_groups, "k": lp.rank_k, "v": lp.rank_v}
+                            for lp in plan],
                   **info, "predicted_error": predicted}
 
 

@@ -29,7 +29,9 @@ layer's `self_attn` replaced by `ReducedAttention`, described by one entry of `c
   values, from one joint latent of rank `rank` (cached): 2 * pairs * kv heads + rank entries per token;
 - `rank_q` / `rank_o` (any kind; 0 or absent: dense): the query / output projection factorised through a
   rank-r bottleneck (`LowRankLinear`: `down` then `up`, the bias on `up`); parameters only, the heads,
-  the cache and the attention itself are unchanged;
+  the cache and the attention itself are unchanged; `o_groups` > 1 with `rank_o`: the output projection's
+  `down` is block-diagonal (`BlockDown`), each kv group's head outputs through their own rank_o / o_groups
+  directions, `up` shared;
 - `n_kv_heads = n_rep = 0` (and no rope pairs): a layer without attention, which adds nothing to the
   residual stream and caches one placeholder element per token (transformers reads a layer's cached
   length off its keys).
@@ -87,6 +89,12 @@ def validate_attn_layers(attn_layers: list, text_config) -> None:
             rank = a.get(name, 0) or 0
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
                 raise ValueError(f"layer {i}: {name} must be an integer >= 0 (0: a dense projection); got {rank!r}")
+        og = a.get("o_groups", 0) or 0
+        if not isinstance(og, int) or isinstance(og, bool) or og < 0:
+            raise ValueError(f"layer {i}: o_groups must be an integer >= 0 (0 or 1: one down factor); got {og!r}")
+        if og > 1 and ((a.get("rank_o") or 0) % og or (g * r * v) % og):
+            raise ValueError(f"layer {i}: o_groups {og} must divide rank_o ({a.get('rank_o')}) and the head outputs' "
+                             f"width ({g * r * v})")
         if a.get("kind") == "mla":
             pairs = a.get("rope_pairs")
             if not (1 <= a.get("rank", 0) <= g * (k + v)) or pairs is None or len(pairs) != g \
@@ -148,20 +156,35 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class LowRankLinear(nn.Module):
-    """A linear map through a rank-r bottleneck: up(down(x)) (the bias, if any, on `up`)."""
+class BlockDown(nn.Module):
+    """A block-diagonal linear map (no bias): the input's `groups` consecutive blocks, each through its own
+    (rank / groups, in / groups) matrix, the results concatenated. `weight`: (groups, rank / groups, in / groups)."""
 
-    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool):
+    def __init__(self, in_features: int, rank: int, groups: int):
         super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, rank // groups, in_features // groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...gi,gri->...gr", x.unflatten(-1, (self.groups, -1)), self.weight).flatten(-2)
+
+
+class LowRankLinear(nn.Module):
+    """A linear map through a rank-r bottleneck: up(down(x)) (the bias, if any, on `up`); with groups > 1 `down`
+    is block-diagonal (`BlockDown`)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool, groups: int = 1):
+        super().__init__()
+        self.down = BlockDown(in_features, rank, groups) if groups > 1 else nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
 
-def _projection(in_features: int, out_features: int, bias: bool, rank: int) -> nn.Module:
-    return LowRankLinear(in_features, rank, out_features, bias) if rank else nn.Linear(in_features, out_features, bias=bias)
+def _projection(in_features: int, out_features: int, bias: bool, rank: int, groups: int = 1) -> nn.Module:
+    return LowRankLinear(in_features, rank, out_features, bias, groups) if rank else \
+        nn.Linear(in_features, out_features, bias=bias)
 
 
 class ReducedAttention(nn.Module):
@@ -194,7 +217,8 @@ class ReducedAttention(nn.Module):
         self.q_proj = _projection(hidden, self.n_q * self.qk_dim, bool(bias.get("q")), spec.get("rank_q") or 0)
         self.k_proj = nn.Linear(hidden, self.n_kv * self.qk_dim, bias=bool(bias.get("k")))
         self.v_proj = nn.Linear(hidden, self.n_kv * self.v_dim, bias=bool(bias.get("v")))
-        self.o_proj = _projection(self.n_q * self.v_dim, hidden, bool(bias.get("o")), spec.get("rank_o") or 0)
+        self.o_proj = _projection(self.n_q * self.v_dim, hidden, bool(bias.get("o")), spec.get("rank_o") or 0,
+                                  spec.get("o_groups") or 1)
         if spec.get("qk_norm"):
             eps = getattr(text_config, "rms_norm_eps", 1e-6)
             self.q_norm, self.k_norm = RMSNorm(self.qk_dim, eps), RMSNorm(self.qk_dim, eps)

@@ -265,6 +265,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
                            f"target {cfg.target}")
     cal.cache["plan_select"] = cfg.plan_select  # read by the factorised strategies' choice among candidates
+    cal.cache["output_groups"] = cfg.output_groups  # read by measured-lowrank's options
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)
     metrics["seconds_plan"] = time.time() - t0

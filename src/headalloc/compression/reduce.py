@@ -174,9 +174,15 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
         same_basis = red.o.shape[1] == (out_moment.shape[0] if out_moment is not None else -1) and (
             spec.kind != "heads" or (lp.keep_kv is None and lp.keep_rep is None and lp.v_dim == spec.v_dim))
         Cz = out_moment if same_basis else None
-        o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}),
-                                      out_weight=out_weight)
-    spec = HeadSpec.from_dict({**spec.to_dict(), "rank_q": int(lp.rank_q or 0), "rank_o": int(lp.rank_o or 0)})
+        groups = int(lp.o_groups or 1)
+        if groups > 1:
+            o, o_down = block_whitened_low_rank(red.o, Cz, int(lp.rank_o), groups, sc, out_weight=out_weight,
+                                                layer_idx=layer_idx)
+        else:
+            o, o_down = whitened_low_rank(red.o, Cz, int(lp.rank_o), sc.setdefault(("o_whiten", Cz is None), {}),
+                                          out_weight=out_weight)
+    spec = HeadSpec.from_dict({**spec.to_dict(), "rank_q": int(lp.rank_q or 0), "rank_o": int(lp.rank_o or 0),
+                               "o_groups": int(lp.o_groups or 0) if lp.rank_o else 0})
     return spec, AttentionWeights(**{**red.__dict__, "q": q, "o": o, "q_down": q_down, "o_down": o_down})
 
 
@@ -308,6 +314,36 @@ def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g:
 
 
 @torch.no_grad()
+def block_whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, groups: int, cache: dict | None = None,
+                            out_weight: torch.Tensor | None = None, layer_idx: int = 0):
+    """(up (out, rank), down (groups, rank / groups, in / groups)) for W (out, in) with a block-diagonal down
+    factor: each of `groups` consecutive blocks of the input (a kv group's head outputs) gets its own rank / groups
+    directions, from the whitened SVD of its columns under its diagonal block of C (`whitened_low_rank`); then the
+    shared up factor is refitted by least squares under the whole C, up = W C D^T (D C D^T)^+, which accounts for
+    the blocks' cross terms (the least-squares up factor does not depend on an output-side weight). At equal
+    parameters this keeps the output projection better than one rank-r factorisation on SmolLM2, on text the
+    moments never saw too (`benchmarks/bench_basis_sharing.py`)."""
+    n_out, n_in = W.shape
+    if groups < 2 or n_in % groups or rank % groups or not 1 <= rank // groups <= min(n_out, n_in // groups):
+        raise ValueError(f"layer {layer_idx}: a block-diagonal output factor needs groups >= 2 dividing the "
+                         f"{n_in} head outputs and the rank {rank}, with rank / groups in [1, "
+                         f"{min(n_out, n_in // max(groups, 1))}]; got groups={groups}")
+    sc = cache if cache is not None else {}
+    w, r = n_in // groups, rank // groups
+    W = W.double().cpu()
+    Cd = None if C is None else C.double().cpu()
+    downs = []
+    for j in range(groups):
+        b = slice(j * w, (j + 1) * w)
+        _, d = whitened_low_rank(W[:, b], None if Cd is None else Cd[b, b], r,
+                                 sc.setdefault(("o_whiten_block", groups, j, Cd is None), {}), out_weight=out_weight)
+        downs.append(d.double())
+    D = torch.block_diag(*downs)  # (rank, in)
+    Cm = torch.eye(n_in, dtype=torch.float64) if Cd is None else Cd
+    up = W @ Cm @ D.T @ torch.linalg.pinv(D @ Cm @ D.T)
+    return up.float(), torch.stack(downs).float()
+
+
 def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_cache: dict | None = None,
                       out_weight: torch.Tensor | None = None):
     """(up (out, rank), down (rank, in)) minimising E|W x - up down x|^2 for inputs of second moment C

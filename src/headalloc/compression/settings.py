@@ -42,6 +42,10 @@ class CompressConfig:
                                   "the lowest loss over all windows ('mean'), or the smallest loss increase over the "
                                   "original on the part of the fitting text where it is largest ('worst-part': "
                                   "robust to the kind of text)", "plan", PLAN_SELECT_CHOICES)
+    output_groups: bool = _f(False, "measured-lowrank also offers output projections factorised per kv group (a "
+                                    "block-diagonal down factor, one block per group of query heads sharing a key, "
+                                    "the up factor shared and refitted by least squares); the knapsack picks per "
+                                    "layer", "plan")
     # calibration text: planning, calibration and both distillation stages read only its train split
     corpus: str = _f("wiki", "calibration/distillation text: 'wiki', 'pydoc', a text file (documents separated "
                              "by blank lines) or a .jsonl file of {\"text\": ...} documents", "calibration")

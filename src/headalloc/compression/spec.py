@@ -38,6 +38,10 @@ class HeadSpec:
     # (down then up; 0 = a dense projection). Parameters only: the cache and the heads are unchanged
     rank_q: int = 0
     rank_o: int = 0
+    # o_groups > 1 (with rank_o): the output projection's down factor is block-diagonal, each of o_groups
+    # consecutive blocks of the head outputs (a kv group's heads) through its own rank_o / o_groups directions;
+    # the up factor (hidden x rank_o) is shared. 0 or 1: one down factor over every head output
+    o_groups: int = 0
 
     @property
     def n_heads(self) -> int:
@@ -56,7 +60,7 @@ class HeadSpec:
         if self.rank_q:  # dense hidden x (nq k) -> rank_q x (hidden + nq k)
             weights += self.rank_q * (hidden + nq * k) - hidden * nq * k
         if self.rank_o:
-            weights += self.rank_o * (nq * v + hidden) - nq * v * hidden
+            weights += self.rank_o * (nq * v // max(1, self.o_groups) + hidden) - nq * v * hidden
         b = self.bias or {}
         biases = (nq * k if b.get("q") else 0) + (g * k if b.get("k") else 0) + (g * v if b.get("v") else 0) \
             + (hidden if b.get("o") else 0)
@@ -113,6 +117,7 @@ class LayerPlan:
     rope_keep: int | None = None
     rank_q: int | None = None  # any kind: query / output projection through a low-rank bottleneck (None: dense)
     rank_o: int | None = None
+    o_groups: int | None = None  # with rank_o: a block-diagonal down factor over this many head blocks (HeadSpec)
 
     @property
     def empty(self) -> bool:
@@ -125,6 +130,7 @@ class LayerPlan:
             return HeadSpec(0, 0, self.qk_dim, self.v_dim, rope_pairs=[])
         spec = self._shape(n_kv, n_rep, bias, qk_norm)
         spec.rank_q, spec.rank_o = int(self.rank_q or 0), int(self.rank_o or 0)
+        spec.o_groups = int(self.o_groups or 0) if self.rank_o else 0
         return spec
 
     def _shape(self, n_kv: int, n_rep: int, bias: dict | None, qk_norm: bool) -> HeadSpec:
@@ -144,7 +150,7 @@ class LayerPlan:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
         return cls(**{k: d.get(k) for k in ("qk_dim", "v_dim", "keep_kv", "keep_rep", "rank_k", "rank_v", "rank",
-                                            "rope_keep", "rank_q", "rank_o")},
+                                            "rope_keep", "rank_q", "rank_o", "o_groups")},
                    kind=d.get("kind") or "heads")
 
 
