@@ -10,7 +10,7 @@ derive from it (gradients, candidate errors) are cached on the object, keyed by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +30,41 @@ class Calibration:
     out_moment: list[torch.Tensor] | None = None  # per layer: E[z z^T] of the output projection's input (outputs=True)
     parts: list[str] | None = None  # per window: the part of the fitting text it came from (None: one kind)
     cache: dict = field(default_factory=dict)  # strategies' measurements, keyed by what they depend on
+    # per part of the fitting text: (second moments, output moments, tokens) of its moment windows, unshrunk
+    # (pipeline.calibration with plan_error "leave-part-out"; read by `folds`)
+    part_moments: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], int]] | None = None
+
+    def excluding(self, part: str) -> "Calibration":
+        """The same windows, inputs and gradients, with the whitening moments of every part of the fitting text but
+        `part` (pooled by tokens, shrunk as the full calibration's are): what a factorisation fitted without
+        ever seeing that kind of text starts from."""
+        if not self.part_moments or part not in self.part_moments or len(self.part_moments) < 2:
+            raise ValueError(f"no moments without part {part!r}: the calibration holds per-part moments of "
+                             f"{sorted(self.part_moments or {})}; a leave-part-out estimate needs two or more parts")
+        rest = [v for k, v in self.part_moments.items() if k != part]
+        n = sum(t for _, _, t in rest)
+        sm = [sum(m[l] * t for m, _, t in rest) / n for l in range(len(self.second_moment))]
+        om = [sum(o[l] * t for _, o, t in rest) / n for l in range(len(self.second_moment))]
+        alpha = self.cache.get("whiten_shrink") or 0.0
+        if alpha:  # (the output moments are shrunk by output_moments, which reads the same setting)
+            sm = [shrink_second_moment(m, alpha) for m in sm]
+        settings = {k: self.cache[k] for k in ("whiten_shrink", "factor_output") if k in self.cache}
+        return replace(self, second_moment=sm, out_moment=om, part_moments=None, cache=settings)
+
+    def folds(self) -> list[tuple["Calibration", list[int]]]:
+        """Leave-part-out folds: for each part of the fitting text among the calibration windows, (this calibration
+        without that part's moments, the indices of that part's windows). Cached."""
+        if "folds" not in self.cache:
+            if not self.parts or len(self.parts) != len(self.windows):
+                raise ValueError("a leave-part-out estimate needs the part of each calibration window "
+                                 "(pipeline.calibration names them)")
+            names = sorted(set(self.parts))
+            if len(names) < 2:
+                raise ValueError(f"a leave-part-out estimate needs a fitting text of two or more parts; the "
+                                 f"calibration windows are all {names[0]!r} (e.g. fit_text 'corpus+generated')")
+            self.cache["folds"] = [(self.excluding(p), [i for i, q in enumerate(self.parts) if q == p])
+                                   for p in names]
+        return self.cache["folds"]
 
     @property
     def cov(self) -> list[torch.Tensor]:
@@ -120,7 +155,29 @@ def collect(model, windows: torch.Tensor, keep: bool | list[int] = True, batch: 
                        out_moment=[z.moment() for z in zmom] if outputs else None)
 
 
-def shrink_moment(c: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) C + alpha (tr(C) / d) I: a second moment pulled toward the isotropic one of the same energy."""
-    d = c.shape[0]
-    return (1 - alpha) * c + alpha * float(torch.trace(c)) / d * torch.eye(d, dtype=c.dtype, device=c.device)
+SHRINK_TARGETS = ("isotropic", "diagonal")
+
+
+def shrink_second_moment(m: torch.Tensor, alpha: float, target: str = "isotropic") -> torch.Tensor:
+    """(1 - alpha) M + alpha diag(s, ..., s, 1) for an augmented second moment M = [[C, mu], [mu^T, 1]],
+    s = tr(C) / d: the input covariance pulled toward the isotropic one of the same energy (a convex
+    combination of positive semi-definite matrices, so still one), the constant entry kept at 1. Data-aware
+    factorisations then also keep what the weights do in directions the calibration text rarely visits.
+    `target="diagonal"`: C pulled toward its own diagonal instead (`shrink_moment`)."""
+    out = m.clone()
+    out[:-1, :-1] = shrink_moment(m[:-1, :-1], alpha, target)
+    out[:-1, -1] *= 1 - alpha
+    out[-1, :-1] *= 1 - alpha
+    return out
+
+
+def shrink_moment(c: torch.Tensor, alpha: float, target: str = "isotropic") -> torch.Tensor:
+    """(1 - alpha) C + alpha T: a second moment pulled toward T, the isotropic moment of the same energy
+    (tr(C) / d) I, or its own diagonal diag(C) (`target="diagonal"`: each channel keeps its scale, only the
+    correlations between channels are weakened)."""
+    if target == "isotropic":
+        d = c.shape[0]
+        return (1 - alpha) * c + alpha * float(torch.trace(c)) / d * torch.eye(d, dtype=c.dtype, device=c.device)
+    if target == "diagonal":
+        return (1 - alpha) * c + alpha * torch.diag(torch.diagonal(c))
+    raise ValueError(f"shrinkage target must be one of {', '.join(SHRINK_TARGETS)}; got {target!r}")

@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
-from headalloc.compression.reduce import Geometry, reduce_layer
+from headalloc.compression.reduce import Geometry
 from headalloc.compression.spec import LayerPlan
 from headalloc.compression.settings import PLAN_SELECT_CHOICES
-from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, choose, empty_layer_error,
-                                              empty_plan, grid, layer_error, strategy)
+from headalloc.compression.strategies import (TARGETS, Target, _capacity, _with_grads, candidate_error, choose,
+                                              empty_layer_error, empty_plan, fit_folds, grid, strategy)
 
 
 def _kv_weights_grad(attn, g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +264,8 @@ def _window_nll(model, windows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def plan_losses(model, cal: Calibration, plans: dict, progress: bool = False, per_window: bool = False) -> dict:
-    """The whole compressed model's next-token loss on the calibration windows, before any fitting, for each
+    """The whole compressed model's next-token loss on the calibration windows, before any fitting (fitted and
+    scored per `fit_folds`: with 'leave-part-out', each part's windows by the model fitted without it), for each
     candidate plan (keyed as given; identical plans are built and measured once): the mean over every token, or
     with `per_window` each window's mean, (n,) float64 (the windows are of equal length, so their mean is the
     former)."""
@@ -276,10 +277,14 @@ def plan_losses(model, cal: Calibration, plans: dict, progress: bool = False, pe
     for k, layers in tqdm(plans.items(), desc="measuring candidate plans", disable=not progress, leave=False):
         same = [v for other, v in seen if other == list(layers)]
         if not same:
-            student = compress_model(model, layers, cal, dtype=dtype)
-            same = [_window_nll(student, cal.windows)]
+            nll = torch.zeros(len(cal.windows), dtype=torch.float64)
+            for c, idx in fit_folds(cal):  # (leave-part-out: each part's windows scored by a model fitted without it)
+                idx = list(range(len(cal.windows))) if idx is None else idx
+                student = compress_model(model, layers, c, dtype=dtype)
+                nll[idx] = _window_nll(student, cal.windows[idx])
+                del student
+            same = [nll]
             seen.append((list(layers), same[0]))
-            del student
         out[k] = same[0] if per_window else float(same[0].mean())
     return out
 
@@ -288,21 +293,20 @@ def _latent_errors(model, cal: Calibration, step: int, progress: bool) -> tuple[
     """Candidate latent ranks (multiples of 2 * step up to kv heads x head dim) and, per layer, the measured
     error (`layer_error`) of a latent key of each rank with exact values, and of latent values with exact keys:
     (layers, 2, ranks). Cached on the calibration."""
-    ad, g = adapter_for(model), Geometry.of(model)
+    g = Geometry.of(model)
     full = g.n_kv * g.head_dim
     cands = grid(full, 2 * step) if full >= 2 * step else [full]
-    key = ("latent_errors", tuple(cands))
+    key = ("latent_errors", tuple(cands), cal.cache.get("plan_error", "pooled"))
     if key not in cal.cache:
         e = np.zeros((g.n_layers, 2, len(cands)))
         for l in tqdm(range(g.n_layers), desc="measuring latent ranks", disable=not progress):
-            w, M = ad.weights(model, l), cal.second_moment[l]
             sc: dict = {}
             for i, r in enumerate(cands):
                 if r < full:
-                    e[l, 0, i] = layer_error(model, l, cal, *reduce_layer(
-                        w, M, LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=r, rank_v=full), g, l, sc))
-                    e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(
-                        w, M, LayerPlan(g.head_dim, g.head_dim, kind="palu", rank_k=full, rank_v=r), g, l, sc))
+                    e[l, 0, i] = candidate_error(model, l, cal, LayerPlan(g.head_dim, g.head_dim, kind="palu",
+                                                                          rank_k=r, rank_v=full), sc)
+                    e[l, 1, i] = candidate_error(model, l, cal, LayerPlan(g.head_dim, g.head_dim, kind="palu",
+                                                                          rank_k=full, rank_v=r), sc)
         cal.cache[key] = e
     return cands, cal.cache[key]
 
@@ -335,11 +339,9 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     if target.widths_fixed:
         raise ValueError(f"measured-lowrank: factorised projections and latent keys/values have no counterpart in "
                          f"{target.name}; use --target any (or the measured strategy)")
-    from headalloc.compression.reduce import factor_weights, output_moments
-
     _check_exponents(exponents)
     cal = _with_grads(model, calibration, progress)
-    ad, g = adapter_for(model), Geometry.of(model)
+    g = Geometry.of(model)
     hd, nq = g.head_dim, g.n_kv * g.n_rep * g.head_dim
     full_lp = g.full()
     base = g.spec(full_lp).cost(g.hidden, kind)
@@ -351,21 +353,19 @@ def measured_lowrank_plan(model, budget: float, kind: str = "params", step: int 
     rg = sorted({og * step * max(1, round(r * (nq + g.hidden) / (nq // og + g.hidden) / (og * step))) for r in ro}
                 if og else set())
     rg = [r for r in rg if r * (nq // og + g.hidden) < nq * g.hidden and r // og <= nq // og]
-    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"), og, tuple(rg))
+    key = ("qo_rank_errors", tuple(rq), tuple(ro), cal.cache.get("factor_output", "input"), og, tuple(rg),
+           cal.cache.get("plan_error", "pooled"))
     if key not in cal.cache:
-        output_moments(model, cal)
         e = np.zeros((g.n_layers, 3, max(len(rq), len(ro), len(rg))))
         for l in tqdm(range(g.n_layers), desc="measuring query/output ranks", disable=not progress):
-            w, M = ad.weights(model, l), cal.second_moment[l]
             sc: dict = {}
             for i, r in enumerate(rq):
-                e[l, 0, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_q=r), g, l, sc))
+                e[l, 0, i] = candidate_error(model, l, cal, LayerPlan(hd, hd, rank_q=r), sc)
             for i, r in enumerate(ro):
-                e[l, 1, i] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, hd, rank_o=r), g, l, sc,
-                                                                      **factor_weights(cal, l)))
+                e[l, 1, i] = candidate_error(model, l, cal, LayerPlan(hd, hd, rank_o=r), sc, output_factor=True)
             for i, r in enumerate(rg):
-                e[l, 2, i] = layer_error(model, l, cal, *reduce_layer(
-                    w, M, LayerPlan(hd, hd, rank_o=r, o_groups=og), g, l, sc, **factor_weights(cal, l)))
+                e[l, 2, i] = candidate_error(model, l, cal, LayerPlan(hd, hd, rank_o=r, o_groups=og), sc,
+                                             output_factor=True)
         cal.cache[key] = e
     e_qo = cal.cache[key]
     latent_ok = not g.qk_norm  # latent keys cannot carry per-head q/k norms

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from headalloc.compression.calibration import Calibration, collect, shrink_moment
+from headalloc.compression.calibration import Calibration, collect, shrink_second_moment  # noqa: F401 (re-exported)
 from headalloc.compression.families import adapter_for
 from headalloc.compression.settings import CompressConfig, preset as make_preset
 from headalloc.compression.spec import Plan
@@ -87,8 +87,8 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
     t = time.time()
     w, parts = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress, parts=True)
-    kd = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress) \
-        if cfg.moment_windows else None
+    kd, kd_parts = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress, parts=True) \
+        if cfg.moment_windows else (None, None)
     fit_seconds = time.time() - t  # the fitting text: tokenising, or sampling it from the original (once per setting)
     cal = collect(teacher, w, keep=True, progress=progress, outputs=cfg.moment_windows > 0)
     cal.parts = parts
@@ -100,10 +100,19 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         idx = torch.linspace(0, len(kd) - 1, min(cfg.moment_windows, len(kd))).long().unique()
         top = TopKTargets(cfg.kd_topk) if cfg.kd_topk else None  # (kd_topk 0: the teacher runs at each step)
         # (4 windows per forward: the same top-k targets bit for bit and the moments to about 1e-7, in less time;
-        # the calibration windows above stay one per forward, as their stored inputs are per window)
-        extra = collect(teacher, kd[idx], keep=False, batch=4, progress=progress, outputs=True, on_logits=top)
+        # the calibration windows above stay one per forward, as their stored inputs are per window).
+        # leave-part-out estimates need each part's moments apart: the windows are then passed part by part
+        groups = {None: idx}
+        if cfg.plan_error == "leave-part-out":
+            names = sorted({kd_parts[i] for i in idx.tolist()})
+            groups = {p: idx[torch.tensor([kd_parts[i] == p for i in idx.tolist()])] for p in names}
+        stats = {p: collect(teacher, kd[i], keep=False, batch=4, progress=progress, outputs=True, on_logits=top)
+                 for p, i in groups.items()}
         if top is not None:
-            cal.cache[_kd_key(cfg) + ("part",)] = (idx, top.result())
+            cal.cache[_kd_key(cfg) + ("part",)] = (torch.cat(list(groups.values())), top.result())
+        if cfg.plan_error == "leave-part-out":
+            cal.part_moments = {p: (c.second_moment, c.out_moment, c.tokens) for p, c in stats.items()}
+        extra = _pooled(list(stats.values()))
         n = cal.tokens + extra.tokens
         cal.second_moment = [(a * cal.tokens + b * extra.tokens) / n
                              for a, b in zip(cal.second_moment, extra.second_moment)]
@@ -116,23 +125,24 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     return cal
 
 
+def _pooled(stats: list[Calibration]) -> Calibration:
+    """One calibration's moments from several (weighted by their tokens); the first's otherwise."""
+    if len(stats) == 1:
+        return stats[0]
+    n = sum(c.tokens for c in stats)
+    return replace(stats[0], tokens=n,
+                   second_moment=[sum(c.second_moment[l] * c.tokens for c in stats) / n
+                                  for l in range(len(stats[0].second_moment))],
+                   out_moment=[sum(c.out_moment[l] * c.tokens for c in stats) / n
+                               for l in range(len(stats[0].out_moment))])
+
+
 def _fit_key(cfg: CompressConfig) -> tuple:
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
-        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ())
-
-
-def shrink_second_moment(m: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) M + alpha diag(s, ..., s, 1) for an augmented second moment M = [[C, mu], [mu^T, 1]],
-    s = tr(C) / d: the input covariance pulled toward the isotropic one of the same energy (a convex
-    combination of positive semi-definite matrices, so still one), the constant entry kept at 1. Data-aware
-    factorisations then also keep what the weights do in directions the calibration text rarely visits."""
-    out = m.clone()
-    out[:-1, :-1] = shrink_moment(m[:-1, :-1], alpha)
-    out[:-1, -1] *= 1 - alpha
-    out[-1, :-1] *= 1 - alpha
-    return out
+        ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ()) + \
+        ((("plan_error", cfg.plan_error),) if cfg.plan_error != "pooled" else ())
 
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
@@ -265,6 +275,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
                            f"target {cfg.target}")
     cal.cache["plan_select"] = cfg.plan_select  # read by the factorised strategies' choice among candidates
+    cal.cache["plan_error"] = cfg.plan_error  # and what their estimates measure
     cal.cache["output_groups"] = cfg.output_groups  # read by measured-lowrank's options
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)

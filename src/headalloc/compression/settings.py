@@ -16,6 +16,8 @@ KD_TRAIN_CHOICES = ("attention", "reduced", "layers")
 KD_AUTOCAST_CHOICES = ("none", "bfloat16")
 # how the factorised strategies pick among candidate plans (`latent.choose_by_exponent`)
 PLAN_SELECT_CHOICES = ("mean", "worst-part")
+# what the factorised strategies' error estimates measure (`strategies.candidate_error`, `latent.plan_losses`)
+PLAN_ERROR_CHOICES = ("pooled", "leave-part-out")
 
 
 def _f(default, help: str, group: str, choices=None, cli: bool = True):
@@ -42,6 +44,12 @@ class CompressConfig:
                                   "the lowest loss over all windows ('mean'), or the smallest loss increase over the "
                                   "original on the part of the fitting text where it is largest ('worst-part': "
                                   "robust to the kind of text)", "plan", PLAN_SELECT_CHOICES)
+    plan_error: str = _f("pooled", "what our factorised strategies' estimates (each candidate's layer error, each "
+                                   "candidate plan's loss) measure: the factorisation fitted to the whole fitting "
+                                   "text and measured on its calibration windows ('pooled'), or for each part of the "
+                                   "fitting text, fitted without that part and measured on its windows "
+                                   "('leave-part-out': the error on a kind of text the fit never saw; needs a "
+                                   "fitting text of two or more parts)", "plan", PLAN_ERROR_CHOICES)
     output_groups: bool = _f(False, "measured-lowrank also offers output projections factorised per kv group (a "
                                     "block-diagonal down factor, one block per group of query heads sharing a key, "
                                     "the up factor shared and refitted by least squares); the knapsack picks per "
@@ -246,6 +254,13 @@ class CompressConfig:
                              f"{self.gen_temperature}, {self.gen_prompt}")
         if self.moment_windows < 0:
             raise ValueError(f"moment_windows must be >= 0 (0: the calibration windows only); got {self.moment_windows}")
+        if self.plan_error not in PLAN_ERROR_CHOICES:
+            raise ValueError(f"plan_error must be one of {', '.join(PLAN_ERROR_CHOICES)}; got {self.plan_error!r}")
+        if self.plan_error == "leave-part-out" and (len(self.fit_parts) < 2 or not self.moment_windows):
+            raise ValueError(f"plan_error 'leave-part-out' fits without each part of the fitting text in turn, so it "
+                             f"needs a fitting text of two or more parts and moment_windows >= 1; got fit_text "
+                             f"{self.fit_text!r}, moment_windows {self.moment_windows} (e.g. fit_text "
+                             f"'corpus+generated+canterbury')")
         if not 0 <= self.whiten_shrink < 1:
             raise ValueError(f"whiten_shrink must be in [0, 1); got {self.whiten_shrink}")
         if self.kd_hidden < 0 or self.kd_anchor < 0:

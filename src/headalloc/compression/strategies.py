@@ -297,22 +297,55 @@ def teacher_outputs(model, l: int, cal: Calibration) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_error(model, l: int, cal: Calibration, spec, weights) -> float:
+def layer_error(model, l: int, cal: Calibration, spec, weights, windows: list[int] | None = None) -> float:
     """Estimated loss increase from replacing layer l's attention: the Fisher-weighted output error
     mean_t (g_t . dy_t)^2, with g the LM-loss gradient at the attention output (second-order term of
     the loss change; layers are treated as independent). Without gradients: |dy|^2 relative to the
-    residual stream entering the layer."""
+    residual stream entering the layer. Mean over the calibration windows, or over the listed `windows`."""
     X0 = cal.inputs[l][0]
     student = attention_module(model.config, spec, weights, l, device=X0.device, dtype=X0.dtype)
     err = 0.0
     ref = teacher_outputs(model, l, cal)
-    for i, (X, pe) in enumerate(zip(cal.inputs[l], cal.positions)):
+    idx = range(len(cal.inputs[l])) if windows is None else windows
+    for i in idx:
+        X, pe = cal.inputs[l][i], cal.positions[i]
         dy = ref[i] - student(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
         if cal.grads is not None:
             err += float((cal.grads[l][i] * dy).double().sum(-1).square().sum())
         else:
             err += float(dy.double().square().sum(-1).mean()) / cal.resid_sq[l]
-    return err / len(cal.inputs[l])
+    return err / len(idx)
+
+
+def fit_folds(cal: Calibration) -> list[tuple[Calibration, list[int] | None]]:
+    """What a candidate is fitted on and measured on (`cal.cache["plan_error"]`): 'pooled' (the default), one fold,
+    the whole calibration measured on all its windows; 'leave-part-out', per part of the fitting text the
+    calibration without that part's moments, measured on that part's windows (`Calibration.folds`)."""
+    mode = cal.cache.get("plan_error", "pooled")
+    if mode == "pooled":
+        return [(cal, None)]
+    if mode == "leave-part-out":
+        return cal.folds()
+    raise ValueError(f"plan_error must be 'pooled' or 'leave-part-out'; got {mode!r}")
+
+
+def candidate_error(model, l: int, cal: Calibration, lp: LayerPlan, caches: dict, output_factor: bool = False) -> float:
+    """`layer_error` of plan `lp` in layer l, its factorisations fitted and measured per `fit_folds` (window-weighted
+    mean over the folds). `caches`: per fold, the layer's SVD cache (`reduce_layer`); `output_factor`: fit a
+    factorised output projection as the calibration's setting says (`factor_weights`)."""
+    from headalloc.compression.reduce import factor_weights, output_moments
+
+    w, g = adapter_for(model).weights(model, l), Geometry.of(model)
+    total, n = 0.0, 0
+    for f, (c, idx) in enumerate(fit_folds(cal)):
+        if output_factor:
+            output_moments(model, c)
+        kw = factor_weights(c, l) if output_factor else {}
+        k = len(cal.inputs[l]) if idx is None else len(idx)
+        total += k * layer_error(model, l, cal, *reduce_layer(w, c.second_moment[l], lp, g, l,
+                                                              caches.setdefault(f, {}), **kw), windows=idx)
+        n += k
+    return total / n
 
 
 def _measure_widths(model, cal: Calibration, dims: list[int], progress: bool):
