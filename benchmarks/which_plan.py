@@ -9,7 +9,7 @@ import argparse
 import time
 
 from headalloc.assets import load_model
-from headalloc.compression.pipeline import calibration
+from headalloc.compression.pipeline import calibration, plan_settings
 from headalloc.compression.settings import add_config_args, config_from_args
 from headalloc.compression.strategies import STRATEGIES, auto_strategy
 
@@ -25,14 +25,16 @@ def main() -> None:
         raise SystemExit(f"strategy {name!r} does not choose among exponents (measured-latent, measured-lowrank do)")
     fn = STRATEGIES[name].fn
     t = time.time()
-    cal = calibration(teacher, tok, cfg)
+    cal = plan_settings(calibration(teacher, tok, cfg), cfg)  # (--plan-select, --plan-error, --output-groups)
     print(f"calibration: {time.time() - t:.0f} s", flush=True)
     t = time.time()
     plan, info = fn(teacher, cfg.budget, cfg.budget_kind, cfg.step, calibration=cal)
-    print(f"{name}, {cfg.budget_kind} budget {cfg.budget}: plan {time.time() - t:.0f} s; kept p={info['exponent']}, "
+    print(f"{name}, {cfg.budget_kind} budget {cfg.budget}, plan_select {cfg.plan_select}, plan_error "
+          f"{cfg.plan_error}: plan {time.time() - t:.0f} s; kept p={info['exponent']}, "
           f"layers without attention {info['empty_layers'] or 'none'}; calibration loss before fitting:")
+    worst = info.get("worst_part_increase_by_candidate", {})
     for k, v in info["calibration_loss_by_candidate"].items():
-        print(f"  {k}: {v:.4f}")
+        print(f"  {k}: {v:.4f}" + (f" (largest increase {worst[k][1]:.4f} nats, on '{worst[k][0]}')" if k in worst else ""))
     plain, _ = fn(teacher, cfg.budget, cfg.budget_kind, cfg.step, calibration=cal, exponents=(1.0,))
     print(f"the plain-sum plan (p = 1): {'the same' if plain == plan else 'a different plan'}")
 

@@ -118,3 +118,18 @@ def test_leave_part_out_needs_two_parts_and_says_so():
     data.cache["plan_error"] = "leave-part-out"
     with pytest.raises(ValueError, match="two or more parts"):
         data.folds()
+
+
+def test_a_pooled_calibration_is_refused_for_leave_part_out_planning():
+    """A calibration made without per-part moments cannot give leave-part-out estimates: planning with it says so
+    before any measuring (compress() and the benchmarks put the settings on through plan_settings)."""
+    from headalloc.compression.pipeline import plan_settings
+    from headalloc.compression.settings import preset
+
+    m = tiny("llama")
+    data = collect(m, torch.randint(0, 300, (2, 16)), outputs=True)
+    cfg = preset("default", plan_error="leave-part-out", plan_select="worst-part")
+    with pytest.raises(ValueError, match="needs a calibration made with it"):
+        plan_settings(data, cfg)
+    data.part_moments = {"a": (data.second_moment, data.out_moment, data.tokens)}
+    assert plan_settings(data, cfg).cache["plan_select"] == "worst-part"

@@ -184,6 +184,18 @@ def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressCo
     return cal.cache[key]
 
 
+def plan_settings(cal: Calibration, cfg: CompressConfig) -> Calibration:
+    """Put the settings the strategies read while planning on the calibration they are given (a calibration is
+    shared by strategies and budgets, so each plan sets them): how our factorised strategies pick among candidate
+    plans (`plan_select`), what their estimates measure (`plan_error`), measured-lowrank's options
+    (`output_groups`)."""
+    if cfg.plan_error != "pooled" and not cal.part_moments:
+        raise ValueError(f"plan_error {cfg.plan_error!r} needs a calibration made with it (per-part moments); this "
+                         f"one was made with plan_error 'pooled' (pipeline.calibration with the same settings)")
+    cal.cache.update(plan_select=cfg.plan_select, plan_error=cfg.plan_error, output_groups=cfg.output_groups)
+    return cal
+
+
 def check_model(name_or_path: str) -> Path:
     """Resolve a model name or folder and check its family, before any loading or work."""
     from headalloc.assets.models import load_config, resolve_model
@@ -274,9 +286,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         cal = calibration(teacher, tok, cfg, progress)
     _stage(progress, 2, n, f"planning: strategy {cfg.strategy}, {cfg.budget_kind} budget {cfg.budget}, "
                            f"target {cfg.target}")
-    cal.cache["plan_select"] = cfg.plan_select  # read by the factorised strategies' choice among candidates
-    cal.cache["plan_error"] = cfg.plan_error  # and what their estimates measure
-    cal.cache["output_groups"] = cfg.output_groups  # read by measured-lowrank's options
+    plan_settings(cal, cfg)
     plan = make_plan(teacher, cfg.strategy, cfg.budget, cal, cfg.budget_kind, cfg.step, progress, cfg.target)
     student = compress_model(teacher, plan, cal, dtype=fit_dtype)
     metrics["seconds_plan"] = time.time() - t0
