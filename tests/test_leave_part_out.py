@@ -87,8 +87,8 @@ def test_candidate_plans_are_scored_on_each_part_by_a_model_fitted_without_it():
 
 def test_an_unseen_kind_costs_more_than_the_pooled_estimate_and_the_strategy_plans_on_it():
     """A low-rank query fitted without a kind of text loses more on that kind than one fitted with it (the pooled
-    estimate is in-sample): the leave-part-out error is larger. measured-lowrank then plans on those errors and
-    still meets the budget."""
+    estimate is in-sample): the leave-part-out error is larger. Our measured strategies then plan on such errors
+    and still meet their budgets."""
     from headalloc.compression.strategies import STRATEGIES, candidate_error
 
     m = tiny("llama")
@@ -100,9 +100,17 @@ def test_an_unseen_kind_costs_more_than_the_pooled_estimate_and_the_strategy_pla
     pooled = candidate_error(m, 1, data, lp, {})
     data.cache["plan_error"] = "leave-part-out"
     assert candidate_error(m, 1, data, lp, {}) > pooled > 0
-    plan, info = STRATEGIES["measured-lowrank"].fn(m, 0.5, "params", step=2, calibration=data, exponents=(1.0, 2.0))
-    full = g.spec(g.full()).params(g.hidden) * g.n_layers
-    assert sum(g.spec(x).params(g.hidden) for x in plan) <= 0.5 * full
+    for name, kind, budget in (("measured", "params", 0.5), ("measured-latent", "kv", 0.45),
+                               ("measured-lowrank", "params", 0.5)):
+        extra = {} if name == "measured" else {"exponents": (1.0, 2.0)}
+        plan, info = STRATEGIES[name].fn(m, budget, kind, step=2, calibration=data, **extra)
+        full = g.spec(g.full()).cost(g.hidden, kind) * g.n_layers
+        assert sum(g.spec(x).cost(g.hidden, kind) for x in plan) <= budget * full
+    # every measurement those plans read was made leave-part-out
+    measured = [k for k in data.cache if isinstance(k, tuple) and k[0] in ("width_errors", "latent_errors",
+                                                                          "qo_rank_errors")]
+    assert {k[0] for k in measured} == {"width_errors", "latent_errors", "qo_rank_errors"}
+    assert all(k[-1] == "leave-part-out" for k in measured)
 
 
 def test_leave_part_out_needs_two_parts_and_says_so():

@@ -44,8 +44,9 @@ class CompressConfig:
                                   "the lowest loss over all windows ('mean'), or the smallest loss increase over the "
                                   "original on the part of the fitting text where it is largest ('worst-part': "
                                   "robust to the kind of text)", "plan", PLAN_SELECT_CHOICES)
-    plan_error: str = _f("pooled", "what our factorised strategies' estimates (each candidate's layer error, each "
-                                   "candidate plan's loss) measure: the factorisation fitted to the whole fitting "
+    plan_error: str = _f("pooled", "what our measured strategies' estimates (each candidate's layer error; for "
+                                   "measured-latent and measured-lowrank also each candidate plan's loss) measure: "
+                                   "the reduced layers fitted to the whole fitting "
                                    "text and measured on its calibration windows ('pooled'), or for each part of the "
                                    "fitting text, fitted without that part and measured on its windows "
                                    "('leave-part-out': the error on a kind of text the fit never saw; needs a "

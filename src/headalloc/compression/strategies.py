@@ -350,19 +350,16 @@ def candidate_error(model, l: int, cal: Calibration, lp: LayerPlan, caches: dict
 
 def _measure_widths(model, cal: Calibration, dims: list[int], progress: bool):
     """Per layer and width: the error of narrowing only the query-key width, and only the value width."""
-    ad, g = adapter_for(model), Geometry.of(model)
+    g = Geometry.of(model)
     hd, L = g.head_dim, g.n_layers
     e_qk, e_v = np.zeros((L, len(dims))), np.zeros((L, len(dims)))
     for l in tqdm(range(L), desc="measuring layer errors", disable=not progress):
-        w, M = ad.weights(model, l), cal.second_moment[l]
         svd_cache: dict = {}
         for j, d in enumerate(dims):
             if d < hd:
-                if g.qk_reducible:
-                    e_qk[l, j] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(d, hd), g, l, svd_cache))
-                else:
-                    e_qk[l, j] = np.inf  # not a candidate
-                e_v[l, j] = layer_error(model, l, cal, *reduce_layer(w, M, LayerPlan(hd, d), g, l, svd_cache))
+                # not a candidate where query-key widths cannot be cut (per-head q/k norms)
+                e_qk[l, j] = candidate_error(model, l, cal, LayerPlan(d, hd), svd_cache) if g.qk_reducible else np.inf
+                e_v[l, j] = candidate_error(model, l, cal, LayerPlan(hd, d), svd_cache)
     return e_qk, e_v
 
 
@@ -486,7 +483,7 @@ def measured_plan(model, budget: float, kind: str = "params", step: int = 8, cal
                       "layers_without_attention": [l for l, lp in enumerate(plan) if lp.empty],
                       "predicted_error": predicted}
     dims = grid(g.head_dim, step)
-    key = ("width_errors", tuple(dims))
+    key = ("width_errors", tuple(dims), cal.cache.get("plan_error", "pooled"))
     if key not in cal.cache:  # the measurement does not depend on the budget
         cal.cache[key] = _measure_widths(model, cal, dims, progress)
     e_qk, e_v = cal.cache[key]
