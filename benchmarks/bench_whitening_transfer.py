@@ -5,7 +5,7 @@ of the layer's attention parameters; `reduce.factor_projections`), whitened by s
 Wikipedia training windows, then the layer's relative output error measured on those calibration windows and on
 two kinds of text nothing was fitted on (`alice`, `pydoc`). Varied side by side in one run:
 - the shrinkage of both moments toward isotropic (`--whiten-shrink`: 0 as measured, 1 = plain SVD) or, written
-  `dA`, by A toward their own diagonal (each channel keeps its scale; `--whiten-target diagonal`), and
+  `dA`, by A toward their own diagonal (each channel keeps its scale; `shrink_moment(..., target="diagonal")`), and
 - how many windows the moments come from (`--moment-windows`: the calibration windows only, or more).
 The calibration column is the error on the first `--windows` windows (in-sample for the smallest count).
 
