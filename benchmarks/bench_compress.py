@@ -54,7 +54,7 @@ def main():
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}, training {cfg.kd_train}{f', {cfg.kd_autocast} autocast' if cfg.kd_autocast != 'none' else ''}) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}, training {cfg.kd_train}{f', {cfg.kd_autocast} autocast' if cfg.kd_autocast != 'none' else ''}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
     for budget in budgets:

@@ -204,7 +204,8 @@ def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False,
-                       hidden_weight: float = 0.0, anchor: float = 0.0, autocast: str = "none") -> dict:
+                       hidden_weight: float = 0.0, anchor: float = 0.0, autocast: str = "none",
+                       label_weight: float = 0.0) -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
     layers are corrected. `train` (see `trainable`): "attention" (every attention projection), "reduced"
@@ -219,8 +220,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     the next-token term only) and the settings."""
     import math
 
-    if anchor < 0:
-        raise ValueError(f"anchor must be >= 0; got {anchor}")
+    if anchor < 0 or label_weight < 0:
+        raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
     if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
         raise ValueError(f"steps must be >= 0, batch >= 1, k >= 0 (0: the full vocabulary) and hidden_weight >= 0; "
                          f"got steps={steps}, batch={batch}, k={k}, hidden_weight={hidden_weight}")
@@ -273,7 +274,9 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(windows), (batch,), generator=g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
-            out = student(input_ids=windows[idx].to(dev), output_hidden_states=hidden_weight > 0)
+            ids = windows[idx].to(dev)
+            out = student(input_ids=ids, output_hidden_states=hidden_weight > 0,
+                          labels=ids if label_weight > 0 else None)
         t_out = None
         if hidden_weight > 0:  # (one teacher forward serves the hidden states and, if full, the logits)
             with torch.no_grad():
@@ -282,6 +285,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         if hidden_weight > 0:
             t_hidden = [t.to(out.hidden_states[0].dtype) for t in t_out.hidden_states]
             loss = loss + hidden_weight * hidden_state_loss(out.hidden_states, t_hidden)
+        if label_weight > 0:
+            loss = loss + label_weight * out.loss.float()
         if init:
             loss = loss + anchor * sum((p - p0).float().square().sum() / n0 for p, p0, n0 in init)
         if not torch.isfinite(loss):
@@ -298,5 +303,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     student.train(was_training)
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
             "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor, "autocast": autocast,
+            "label_weight": label_weight,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": 1.0 if full else targets["mass"], "train_curve": curve}

@@ -73,7 +73,8 @@ class CompressConfig:
                               "('corpus'), the original model's own samples ('generated'), half of each ('mixed' = "
                               "'corpus+generated'), or shares of any such parts joined by '+', equal or weighted by "
                               "':W', where a part may also name another text (its train split: 'canterbury' long "
-                              "books, 'stdlib' Python module sources, 'sotu' State of the Union speeches, a text file), e.g. "
+                              "books, 'stdlib' Python module sources, 'sotu' State of the Union speeches, 'mobydick' a "
+                              "novel, a text file), e.g. "
                               "'corpus:2+generated+canterbury': half Wikipedia, a quarter samples, a quarter long "
                               "books",
                               "calibration")
@@ -143,6 +144,9 @@ class CompressConfig:
                                "forward per step)", "end-to-end distillation")
     kd_anchor: float = _f(0.0, "weight of a penalty keeping the attention weights near their initialisation "
                                 "(sum of |w - w0|^2 / |w0|^2; 0 = off)", "end-to-end distillation")
+    kd_label: float = _f(0.0, "weight of the cross-entropy of the fitting windows' own next tokens (hard labels), "
+                              "added to the distillation loss (0 = off: the teacher's distribution only)",
+                         "end-to-end distillation")
     kd_autocast: str = _f("none", "mixed precision in the end-to-end stage: 'bfloat16' runs the student's forward and "
                                   "backward under torch.autocast in bfloat16 (weights and optimiser state stay in "
                                   "--fit-dtype); faster on GPUs and on CPUs with bfloat16 matrix units (e.g. AMX), "
@@ -267,8 +271,9 @@ class CompressConfig:
                              f"'corpus+generated+canterbury')")
         if not 0 <= self.whiten_shrink < 1:
             raise ValueError(f"whiten_shrink must be in [0, 1); got {self.whiten_shrink}")
-        if self.kd_hidden < 0 or self.kd_anchor < 0:
-            raise ValueError(f"kd_hidden and kd_anchor must be >= 0; got {self.kd_hidden}, {self.kd_anchor}")
+        if self.kd_hidden < 0 or self.kd_anchor < 0 or self.kd_label < 0:
+            raise ValueError(f"kd_hidden, kd_anchor and kd_label must be >= 0; got {self.kd_hidden}, {self.kd_anchor}, "
+                             f"{self.kd_label}")
         if self.eval_length < 2:
             raise ValueError(f"eval_length must be >= 2 tokens (perplexity predicts the next token); got "
                              f"{self.eval_length}")
