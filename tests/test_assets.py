@@ -231,19 +231,25 @@ def test_sotu_download_keeps_nothing_when_the_bytes_are_wrong(tmp_path, monkeypa
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial or wrong file under any name
 
 
+def _npm_archive_or_skip(name: str) -> bytes:
+    """The downloaded archive of an npm-hosted text (the test's independent reference), or skip the test."""
+    from headalloc.assets import corpus
+
+    path = corpus.downloads_dir() / corpus.npm_tarball(name)
+    if not path.is_file():
+        pytest.skip(f"the text {name!r} is not downloaded: {corpus.npm_download_command(name)}")
+    return path.read_bytes()
+
+
 def test_real_sotu_is_every_address_as_the_package_publishes_it():
     import io
     import json
     import tarfile
 
-    from headalloc.assets import corpus
-
-    path = corpus.downloads_dir() / corpus.npm_tarball("sotu")
-    if not path.is_file():
-        pytest.skip(f"the text 'sotu' is not downloaded: {corpus.npm_download_command('sotu')}")
+    raw = _npm_archive_or_skip("sotu")
     docs = load_corpus("sotu").documents
     # the reference: the package's own JSON records (year, name, text), read independently of the .txt files
-    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as tf:
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
         records = {m.name.split("/")[-1][:-5]: json.load(tf.extractfile(m)) for m in tf.getmembers()
                    if m.name.startswith("package/data/") and m.name.endswith(".json")}
     assert len(docs) == len(records) == 233
@@ -264,13 +270,11 @@ def test_real_mobydick_is_every_chapter_as_the_package_publishes_it():
 
     from headalloc.assets import corpus
 
-    path = corpus.downloads_dir() / corpus.npm_tarball("mobydick")
-    if not path.is_file():
-        pytest.skip(f"the text 'mobydick' is not downloaded: {corpus.npm_download_command('mobydick')}")
+    raw = _npm_archive_or_skip("mobydick")
     docs = load_corpus("mobydick").documents
     # the reference: the package's plain-text files (hard-wrapped at about 72 columns, a heading line first), read
     # independently of the JSON records the loader reads; the same words in the same order
-    with tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r:gz") as tf:
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
         txt = {m.name.split("/")[-1][:-4]: tf.extractfile(m).read().decode("utf-8") for m in tf.getmembers()
                if m.name.startswith("package/data/") and m.name.endswith(".txt")}
     assert len(docs) == 136 and [t for t, _ in docs][:2] == ["Moby-Dick, chapter 1: Loomings.",
