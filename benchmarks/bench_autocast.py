@@ -1,11 +1,13 @@
-"""Benchmark: end-to-end distillation steps in float32 against bfloat16 autocast (`--kd-autocast bfloat16`).
+"""Benchmark: the fitting's heavy passes in float32 against bfloat16 autocast (the `--autocast` setting).
 
 The end-to-end stage is most of a default compression's time. This times its step (a forward and a backward
 pass through SmolLM2 on one window of 256 tokens, the attention projections trained, the top-k distillation loss)
 both ways, interleaved in one process so the machine's load hits both alike, and prints the ratio. It also runs
 the same steps from the same start on the same windows both ways and prints both loss curves (what mixed precision
 costs in accuracy; the whole-pipeline effect is measured by
-`bench_compress.py --kd-autocast bfloat16`). Whether bfloat16 is faster depends on the hardware: on CPUs with
+`bench_compress.py --autocast bfloat16` against `--autocast none`). It times the other heavy pass the setting covers
+the same way: the original's forward over the end-to-end windows (4 per forward) with the whitening moments and top-k
+targets gathered, and prints how far the bfloat16 pass's targets and moments are from the float32 pass's. Whether bfloat16 is faster depends on the hardware: on CPUs with
 bfloat16 matrix units (AMX, AVX512-BF16) and on GPUs it is; elsewhere it can be slower.
 
     python benchmarks/bench_autocast.py [--steps 6] [--rounds 3] [--device cpu]
@@ -19,7 +21,9 @@ import time
 import torch
 
 from headalloc.assets import load_model, token_windows
-from headalloc.compression.distill import distill_end_to_end, teacher_topk
+from headalloc.compression.calibration import collect
+from headalloc.compression.distill import TopKTargets, distill_end_to_end, teacher_topk
+from headalloc.compression.precision import autocast_context
 from headalloc.compression.reduce import Geometry, compress_model
 
 
@@ -60,6 +64,33 @@ def main():
     print(f"  same {a.steps} steps from the same start: training loss per step, float32 "
           f"{' '.join(f'{x:.4f}' for x in c32)}; bfloat16 {' '.join(f'{x:.4f}' for x in c16)}; loss after (first window) "
           f"{r32['loss_after']:.4f} vs {r16['loss_after']:.4f}")
+
+    # the original's pass over fitting windows (moments + top-k targets), as pipeline.calibration runs it
+    wt = token_windows(tok, "wiki", "train", 256, 8, seed=1)
+
+    def teacher_pass(autocast):
+        top = TopKTargets(32)
+        t = time.perf_counter()
+        with torch.no_grad(), autocast_context(autocast, a.device):
+            c = collect(teacher, wt, keep=False, batch=4, outputs=True, on_logits=top)
+        return time.perf_counter() - t, c, top.result()
+
+    passes = {"none": [], "bfloat16": []}
+    for _ in range(a.rounds):
+        for ac in passes:
+            passes[ac].append(teacher_pass(ac))
+    tb = {k: min(p[0] for p in v) for k, v in passes.items()}
+    (_, m32, t32), (_, m16, t16) = passes["none"][0], passes["bfloat16"][0]
+    rel = max(float((x - y).norm() / y.norm()) for x, y in zip(m16.second_moment, m32.second_moment))
+    rel_o = max(float((x - y).norm() / y.norm()) for x, y in zip(m16.out_moment, m32.out_moment))
+    agree = float((t16["ids"][..., 0] == t32["ids"][..., 0]).float().mean())
+    print(f"the original's pass over {len(wt)} fitting windows of 256 (4 per forward; moments and top-32 targets), "
+          f"{a.rounds} interleaved rounds (best; every round in brackets)")
+    for k, v in passes.items():
+        print(f"  {k:9s} {tb[k]:.2f} s  ({', '.join(f'{p[0]:.2f}' for p in v)})")
+    print(f"  bfloat16 autocast: {tb['none'] / tb['bfloat16']:.2f}x the float32 rate; against float32: most likely "
+          f"token the same at {agree:.1%} of positions, top-k mass {t16['mass']:.4f} vs {t32['mass']:.4f}, layer "
+          f"inputs' second moments within {rel:.1e} and head outputs' within {rel_o:.1e} (relative, worst layer)")
 
 
 if __name__ == "__main__":

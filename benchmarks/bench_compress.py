@@ -18,6 +18,7 @@ from headalloc.assets import load_model, token_windows
 from dataclasses import replace
 
 from headalloc.compression.pipeline import calibration, compress, eval_windows, heldout_ratios, teacher_metrics
+from headalloc.compression.precision import model_device, resolve_autocast
 from headalloc.compression.settings import add_config_args, config_from_args, preset
 from headalloc.compression.strategies import STRATEGIES
 from headalloc.evaluation.lm import compare, counts
@@ -46,6 +47,7 @@ def main():
     if a.speed_only:
         cfg = replace(cfg, distill_steps=0, kd_steps=0)
     teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
+    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model_device(teacher)))  # (as used: printed below)
     data = calibration(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
     t_ppl = teacher_metrics(teacher, ev, data, cfg)["ppl"]  # measured once; every strategy reuses it
@@ -54,7 +56,7 @@ def main():
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}, training {cfg.kd_train}{f', {cfg.kd_autocast} autocast' if cfg.kd_autocast != 'none' else ''}) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}, training {cfg.kd_train}{f'; the teacher passes over its windows and this stage under {cfg.autocast} autocast' if cfg.autocast != 'none' else ''}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
     for budget in budgets:

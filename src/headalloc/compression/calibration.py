@@ -78,9 +78,11 @@ class Calibration:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x of one batch's rows (n, d), formed in float32 where x is (a GPU's activations stay on it) and
     returned in float64 on the CPU, where the sums over many windows are kept: per batch float32 is exact to
-    about 1e-7 of the matrix's norm (checked against float64 in the tests) and twice as fast on a CPU."""
+    about 1e-7 of the matrix's norm (checked against float64 in the tests) and twice as fast on a CPU. Always in
+    float32, also inside a pass under bfloat16 autocast (the `autocast` setting)."""
     x = x.float()
-    return (x.T @ x).double().cpu()
+    with torch.autocast(x.device.type, enabled=False):
+        return (x.T @ x).double().cpu()
 
 
 class InputMoment:

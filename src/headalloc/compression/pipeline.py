@@ -20,6 +20,7 @@ import torch
 
 from headalloc.compression.calibration import Calibration, collect, shrink_second_moment  # noqa: F401 (re-exported)
 from headalloc.compression.families import adapter_for
+from headalloc.compression.precision import autocast_context, model_device, resolve_autocast
 from headalloc.compression.settings import CompressConfig, preset as make_preset
 from headalloc.compression.spec import Plan
 
@@ -84,7 +85,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
     from headalloc.compression.distill import TopKTargets
     from headalloc.compression.fit_text import fit_windows
 
-    cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
+    cfg = _with_autocast(cfg.resolved(), teacher)  # (a config given to the Python API unvalidated: its defaults)
     t = time.time()
     w, parts = fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed, progress, parts=True)
     kd, kd_parts = fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress, parts=True) \
@@ -106,8 +107,9 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         if cfg.plan_error == "leave-part-out":
             names = sorted({kd_parts[i] for i in idx.tolist()})
             groups = {p: idx[torch.tensor([kd_parts[i] == p for i in idx.tolist()])] for p in names}
-        stats = {p: collect(teacher, kd[i], keep=False, batch=4, progress=progress, outputs=True, on_logits=top)
-                 for p, i in groups.items()}
+        with autocast_context(cfg.autocast, model_device(teacher)):  # (the moments' sums stay float32: gram)
+            stats = {p: collect(teacher, kd[i], keep=False, batch=4, progress=progress, outputs=True, on_logits=top)
+                     for p, i in groups.items()}
         if top is not None:
             cal.cache[_kd_key(cfg) + ("part",)] = (torch.cat(list(groups.values())), top.result())
         if cfg.plan_error == "leave-part-out":
@@ -121,6 +123,7 @@ def calibration(teacher, tok, cfg: CompressConfig, progress: bool = False) -> Ca
         cal.second_moment = [shrink_second_moment(m, cfg.whiten_shrink) for m in cal.second_moment]
     cal.cache["fit_text"] = _fit_key(cfg)  # checked on reuse
     cal.cache["factor_output"] = cfg.factor_output
+    cal.cache["autocast"] = cfg.autocast  # (resolved: the precision of the passes over the end-to-end windows)
     cal.cache["whiten_shrink"] = cfg.whiten_shrink  # also applied to the head outputs' moment (output_moments)
     return cal
 
@@ -137,12 +140,19 @@ def _pooled(stats: list[Calibration]) -> Calibration:
                                for l in range(len(stats[0].out_moment))])
 
 
+def _with_autocast(cfg: CompressConfig, model) -> CompressConfig:
+    """`cfg` with its `autocast` setting resolved for the model's device ('auto' -> 'bfloat16' or 'none')."""
+    return replace(cfg, autocast=resolve_autocast(cfg.autocast, model_device(model)))
+
+
 def _fit_key(cfg: CompressConfig) -> tuple:
+    """What a calibration's statistics depend on (`cfg` with `autocast` resolved)."""
     return (cfg.fit_text, cfg.corpus, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch) + \
         ((("whiten_shrink", cfg.whiten_shrink),) if cfg.whiten_shrink else ()) + \
         ((("moment_windows", cfg.moment_windows, cfg.kd_windows, cfg.kd_length),) if cfg.moment_windows else ()) + \
         ((("factor_output", cfg.factor_output),) if cfg.factor_output != "input" else ()) + \
-        ((("plan_error", cfg.plan_error),) if cfg.plan_error != "pooled" else ())
+        ((("plan_error", cfg.plan_error),) if cfg.plan_error != "pooled" else ()) + \
+        ((("autocast", cfg.autocast),) if cfg.moment_windows and cfg.autocast != "none" else ())
 
 
 def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bool = True):
@@ -152,7 +162,7 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
     from headalloc.compression.distill import merge_topk, teacher_topk
     from headalloc.compression.fit_text import fit_windows
 
-    cfg = cfg.resolved()  # (a config given to the Python API unvalidated: its defaults by budget kind)
+    cfg = _with_autocast(cfg.resolved(), teacher)  # (a config given to the Python API unvalidated: its defaults)
     key = _kd_key(cfg)
     if key not in cal.cache and not cfg.kd_topk:  # the full-vocabulary KL: no stored targets
         cal.cache[key] = (fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, progress), None)
@@ -163,14 +173,16 @@ def kd_targets(teacher, tok, cfg: CompressConfig, cal: Calibration, progress: bo
         rest = torch.ones(len(w), dtype=torch.bool)
         rest[done] = False
         rest = rest.nonzero()[:, 0]
-        parts = [(done, part)] + ([(rest, teacher_topk(teacher, w[rest], cfg.kd_topk, progress))] if len(rest) else [])
+        with autocast_context(cfg.autocast, model_device(teacher)):
+            parts = [(done, part)] + ([(rest, teacher_topk(teacher, w[rest], cfg.kd_topk, progress))]
+                                      if len(rest) else [])
         cal.cache[key] = (w, merge_topk(len(w), parts))
     return cal.cache[key]
 
 
 def _kd_key(cfg: CompressConfig) -> tuple:
     return ("kd", cfg.corpus, cfg.fit_text, cfg.gen_prompt, cfg.gen_temperature, cfg.gen_batch, cfg.kd_windows,
-            cfg.kd_length, cfg.kd_topk, cfg.seed)
+            cfg.kd_length, cfg.kd_topk, cfg.seed) + ((cfg.autocast,) if cfg.autocast != "none" else ())
 
 
 def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressConfig, progress: bool = False) -> dict:
@@ -259,6 +271,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         _stage(progress, 1, n, f"loading {cfg.model}")
         teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device_map=cfg.device_map, device=cfg.device)
     teacher.eval()
+    cfg = _with_autocast(cfg, teacher)  # ('auto' recorded as what it was on this device)
     limit = _max_positions(teacher)
     for name in ("calib_length", "kd_length", "eval_length"):
         if limit is not None and getattr(cfg, name) > limit:
@@ -318,12 +331,13 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
                 metrics["heldout"][k]["after_layerwise"] = perplexity(student, w, progress,
                                                                       desc=f"held-out '{k}' after layer-local")
         if cfg.kd_steps > 0:
-            _stage(progress, 4, n, f"end-to-end distillation: {cfg.kd_steps} steps on {cfg.kd_windows} windows")
+            _stage(progress, 4, n, f"end-to-end distillation: {cfg.kd_steps} steps on {cfg.kd_windows} windows"
+                                   + (" (bfloat16 autocast)" if cfg.autocast == "bfloat16" else ""))
             w, targets = kd_targets(teacher, tok, cfg, cal, progress)
             kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk,
                                     cfg.seed, progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
                                     hidden_weight=cfg.kd_hidden, anchor=cfg.kd_anchor,
-                                    autocast=cfg.kd_autocast, label_weight=cfg.kd_label)
+                                    autocast=cfg.autocast, label_weight=cfg.kd_label)
             kd.pop("train_curve")
             metrics["end_to_end"] = kd
     metrics["seconds_distill"] = time.time() - t1

@@ -14,6 +14,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # what the end-to-end stage may train, and its mixed precision (`distill.distill_end_to_end` checks against these too)
 KD_TRAIN_CHOICES = ("attention", "reduced", "layers")
 KD_AUTOCAST_CHOICES = ("none", "bfloat16")
+# the `autocast` setting: the above, or "auto" (`precision.resolve_autocast`: bfloat16 where the hardware has bfloat16
+# matrix units)
+AUTOCAST_CHOICES = ("auto",) + KD_AUTOCAST_CHOICES
 # how the factorised strategies pick among candidate plans (`latent.choose_by_exponent`)
 PLAN_SELECT_CHOICES = ("mean", "worst-part")
 # what the factorised strategies' error estimates measure (`strategies.candidate_error`, `latent.plan_losses`)
@@ -148,10 +151,6 @@ class CompressConfig:
     kd_label: float = _f(0.0, "weight of the cross-entropy of the fitting windows' own next tokens (hard labels), "
                               "added to the distillation loss (0 = off: the teacher's distribution only)",
                          "end-to-end distillation")
-    kd_autocast: str = _f("none", "mixed precision in the end-to-end stage: 'bfloat16' runs the student's forward and "
-                                  "backward under torch.autocast in bfloat16 (weights and optimiser state stay in "
-                                  "--fit-dtype); faster on GPUs and on CPUs with bfloat16 matrix units (e.g. AMX), "
-                                  "slower on CPUs without", "end-to-end distillation", KD_AUTOCAST_CHOICES)
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
@@ -169,6 +168,17 @@ class CompressConfig:
     dtype: str = _f("auto", "dtype the original is loaded in ('auto': the checkpoint's)", "runtime", DTYPES)
     fit_dtype: str = _f("float32", "dtype the student is fitted in (master weights)", "runtime", DTYPES[1:])
     save_dtype: str | None = _f(None, "dtype of the saved weights (default: the original's)", "runtime", DTYPES[1:])
+    # "auto" since session 24 (was float32 throughout, the flag `kd_autocast` covering only the end-to-end stage):
+    # the fitting's two heaviest parts, the original's passes over the end-to-end windows and the end-to-end stage,
+    # in bfloat16 where the hardware has bfloat16 matrix units (docs/compression.md, session 24)
+    autocast: str = _f("auto", "mixed precision of the fitting's heavy passes: the original's forward passes over "
+                               "the end-to-end fitting windows (their top-k targets and the whitening statistics) "
+                               "and the end-to-end stage's student forward and backward run under torch.autocast in "
+                               "bfloat16; the trained weights, the optimiser's state, the plan's error estimates, the "
+                               "layer-local stage and every evaluation stay in their own dtype. 'auto': bfloat16 "
+                               "where the device has bfloat16 matrix units (a CUDA GPU that supports bfloat16, a CPU "
+                               "with AVX512-BF16 or AMX), else 'none'; the value used is recorded", "runtime",
+                       AUTOCAST_CHOICES)
     device: str | None = _f(None, "device for the original and the student, e.g. 'cuda' (default: CPU, or as "
                                   "--device-map places it)", "runtime")
     device_map: str | None = _f(None, "accelerate placement of the original, e.g. 'auto' (models larger than one "
@@ -304,15 +314,16 @@ BY_BUDGET_KIND: dict[str, dict] = {
 
 _QUICK = dict(calib_windows=6, calib_length=256, distill_steps=30, eval_windows=6, eval_length=256, step=16,
               kd_steps=20, kd_windows=8, heldout_windows=6, moment_windows=0, gen_prompt=8, gen_batch=16,
-              eval_before=True, fit_text="mixed", whiten_shrink=0.0, output_groups=False)
+              eval_before=True, fit_text="mixed", whiten_shrink=0.0, output_groups=False, autocast="none")
 PRESETS: dict[str, CompressConfig] = {
     "default": CompressConfig(),
     "quick": replace(CompressConfig(), **_QUICK),
+    # (both keep float32 throughout, autocast "none": their pinned tables were made so on any machine)
     # the settings the documented reproduce table was made with (lighter than the default so that its
     # 12 cells fit in about 1.5 h on 2 cores)
     "reproduce": replace(CompressConfig(), kd_steps=100, kd_windows=128, kd_tail=False, fit_text="corpus",
                          whiten_shrink=0.0, moment_windows=0, gen_prompt=8, gen_batch=16, eval_before=True,
-                         output_groups=False),
+                         output_groups=False, autocast="none"),
 }
 
 
