@@ -220,6 +220,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     the next-token term only) and the settings."""
     import math
 
+    from headalloc.compression.precision import autocast_context
+
     if anchor < 0 or label_weight < 0:
         raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
     if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
@@ -273,7 +275,7 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, len(windows), (batch,), generator=g)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
+        with autocast_context(autocast, dev):
             ids = windows[idx].to(dev)
             out = student(input_ids=ids, output_hidden_states=hidden_weight > 0,
                           labels=ids if label_weight > 0 else None)
