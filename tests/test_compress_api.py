@@ -97,11 +97,27 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help():
                                                 ("--kd-steps", "-3", "kd_steps must be >= 0"),
                                                 ("--distill-steps", "-1", "distill_steps must be >= 0"),
                                                 ("--eval-length", "1", "eval_length must be >= 2"),
-                                                ("--gen-prompt", "-1", "gen_prompt >= 0")])
+                                                ("--gen-prompt", "-1", "gen_prompt >= 0"),
+                                                ("--eval-seed", "-2", "eval_seed must be >= 0")])
 def test_bad_settings_fail_before_any_work(flag, value, message, capsys, tmp_path):
     assert main(["compress", flag, value, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_seed_fixes_the_measured_windows_whatever_the_fitting_seed(tmp_path):
+    from transformers import AutoTokenizer
+
+    from headalloc.compression.pipeline import eval_windows, heldout_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder("llama", tmp_path / "llama"))
+    base = dict(corpus="pydoc", eval_windows=3, eval_length=64, heldout="alice", heldout_windows=3)
+    a, b, own = (CompressConfig(**base, seed=s, eval_seed=e) for s, e in ((0, 5), (1, 5), (1, None)))
+    assert torch.equal(eval_windows(tok, a), eval_windows(tok, b))
+    assert torch.equal(heldout_windows(tok, a)["alice"], heldout_windows(tok, b)["alice"])
+    # without --eval-seed the windows follow --seed, so another fitting seed is measured elsewhere
+    assert torch.equal(eval_windows(tok, own), eval_windows(tok, CompressConfig(**base, seed=1, eval_seed=1)))
+    assert not torch.equal(eval_windows(tok, own), eval_windows(tok, a))
 
 
 def test_unsupported_family_folder_is_refused_before_loading(tmp_path, capsys):

@@ -67,12 +67,12 @@ def _windows(tok, corpus: str, split: str, length: int, n: int, seed: int) -> to
 
 def eval_windows(tok, cfg: CompressConfig) -> torch.Tensor:
     # validation split only: never used for calibration or distillation
-    return _windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, cfg.seed + 1)
+    return _windows(tok, cfg.corpus, "validation", cfg.eval_length, cfg.eval_windows, cfg.measure_seed + 1)
 
 
 def heldout_windows(tok, cfg: CompressConfig) -> dict[str, torch.Tensor]:
     """Windows of each held-out kind of text (nothing is planned, calibrated or distilled on them)."""
-    return {k: _windows(tok, k, "all", cfg.eval_length, cfg.heldout_windows, cfg.seed + 3) for k in cfg.heldout_kinds}
+    return {k: _windows(tok, k, "all", cfg.eval_length, cfg.heldout_windows, cfg.measure_seed + 3) for k in cfg.heldout_kinds}
 
 
 def heldout_ratios(metrics: dict) -> dict[str, float]:
@@ -190,7 +190,7 @@ def teacher_metrics(teacher, ev: torch.Tensor, cal: Calibration, cfg: CompressCo
     budget that shares it reuses them)."""
     from headalloc.evaluation.lm import cached_perplexity, counts
 
-    key = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.seed)
+    key = ("teacher_eval", cfg.corpus, cfg.eval_windows, cfg.eval_length, cfg.measure_seed)
     if key not in cal.cache:
         cal.cache[key] = {**cached_perplexity(teacher, ev, progress, desc="original ppl"), **counts(teacher)}
     return cal.cache[key]
@@ -348,7 +348,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
         metrics["teacher"] = teacher_metrics(teacher, ev, cal, cfg, progress)
         metrics["after_distill"] = {**perplexity(student, ev, progress, desc="compressed ppl"), **counts(student)}
         for k, w in ho.items():
-            hkey = ("teacher_heldout", k, cfg.heldout_windows, cfg.eval_length, cfg.seed)
+            hkey = ("teacher_heldout", k, cfg.heldout_windows, cfg.eval_length, cfg.measure_seed)
             if hkey not in cal.cache:
                 cal.cache[hkey] = cached_perplexity(teacher, w, progress, desc=f"original '{k}' ppl")
             metrics["heldout"][k].update(teacher=cal.cache[hkey],

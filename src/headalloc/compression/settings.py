@@ -165,6 +165,9 @@ class CompressConfig:
     eval_before: bool = _f(False, "also measure the compressed model's perplexity before any fitting, on every "
                                   "evaluated text (a diagnostic of the plan alone)", "evaluation")
     seed: int = _f(0, "seed of every random draw (windows, fitting order)", "runtime")
+    eval_seed: int | None = _f(None, "seed of the evaluation windows alone (validation and held-out; default: --seed). "
+                                     "Fits at several --seed with one --eval-seed are measured on the same windows, "
+                                     "so their spread is the fit's, not the measurement's", "evaluation")
     # where and in what precision
     dtype: str = _f("auto", "dtype the original is loaded in ('auto': the checkpoint's)", "runtime", DTYPES)
     fit_dtype: str = _f("float32", "dtype the student is fitted in (master weights)", "runtime", DTYPES[1:])
@@ -233,6 +236,11 @@ class CompressConfig:
         return [p for p in self.fit_parts if p not in ("corpus", "generated")]
 
     @property
+    def measure_seed(self) -> int:
+        """The seed the evaluation windows are drawn with (`eval_seed`, else `seed`)."""
+        return self.seed if self.eval_seed is None else self.eval_seed
+
+    @property
     def heldout_kinds(self) -> list[str]:
         """The held-out texts, in the order given."""
         return [k.strip() for k in self.heldout.split(",") if k.strip()] if self.heldout else []
@@ -249,6 +257,9 @@ class CompressConfig:
                      "eval_windows", "eval_length", "step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("seed", "eval_seed"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0 (a numpy seed); got {getattr(self, name)}")
         if self.kd_topk < 0:
             raise ValueError(f"kd_topk must be >= 1, or 0 for the full-vocabulary KL; got {self.kd_topk}")
         if self.step % 2:
