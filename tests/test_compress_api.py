@@ -98,7 +98,8 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help():
                                                 ("--distill-steps", "-1", "distill_steps must be >= 0"),
                                                 ("--eval-length", "1", "eval_length must be >= 2"),
                                                 ("--gen-prompt", "-1", "gen_prompt >= 0"),
-                                                ("--eval-seed", "-2", "eval_seed must be >= 0")])
+                                                ("--eval-seed", "-2", "eval_seed must be >= 0"),
+                                                ("--kd-ema", "1", "kd_ema must be in [0, 1)")])
 def test_bad_settings_fail_before_any_work(flag, value, message, capsys, tmp_path):
     assert main(["compress", flag, value, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err

@@ -431,6 +431,46 @@ def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
     assert moved(10.0) < 0.5 * moved(0.0)
 
 
+def test_ema_ends_at_the_moving_average_of_the_trajectory(monkeypatch):
+    """With `ema` the student ends at the exponential moving average of the weights the optimiser visited
+    (recorded after every Adam step, averaged here in float64 from the starting weights); the trajectory itself is
+    the one without averaging (same seed), whose last weights differ from the average."""
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    w = torch.randint(0, 120, (6, 24))
+    visited = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, *a, **k):
+            out = super().step(*a, **k)
+            visited.append([p.detach().double().clone() for g in self.param_groups for p in g["params"]])
+            return out
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+
+    def fitted(ema):
+        visited.clear()
+        student = compress_model(model, [LayerPlan(4, 4)] * 3)
+        start = [p.detach().double().clone() for layer in student.model.layers for p in layer.self_attn.parameters()]
+        r = distill_end_to_end(model, student, w, steps=25, lr=3e-3, k=16, progress=False, ema=ema)
+        assert r["ema"] == ema and len(visited) == 25
+        return student, start, [list(v) for v in visited]
+
+    plain, _, path_plain = fitted(0.0)
+    averaged, start, path = fitted(0.9)
+    assert all(torch.equal(a, b) for a, b in zip(path_plain[-1], path[-1]))  # averaging leaves the path alone
+    ref = start
+    for step in path:
+        ref = [0.9 * r + 0.1 * p for r, p in zip(ref, step)]
+    got = [p.detach().double() for layer in averaged.model.layers for p in layer.self_attn.parameters()]
+    last = [p.detach().double() for layer in plain.model.layers for p in layer.self_attn.parameters()]
+    assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) < 1e-6
+    assert max(float((g - l).abs().max()) for g, l in zip(got, last)) > 1e-3
+    with pytest.raises(ValueError, match="ema must be in"):
+        distill_end_to_end(model, plain, w, steps=1, ema=1.0, progress=False)
+
+
 def test_hard_labels_pull_the_student_toward_the_windows_own_next_tokens():
     """With the label term the student's cross-entropy on the windows' next tokens (computed here from the logits,
     independently of transformers' loss the term uses) falls further than with the teacher's distribution alone; the

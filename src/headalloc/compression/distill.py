@@ -205,7 +205,7 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False,
                        hidden_weight: float = 0.0, anchor: float = 0.0, autocast: str = "none",
-                       label_weight: float = 0.0) -> dict:
+                       label_weight: float = 0.0, ema: float = 0.0) -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
     layers are corrected. `train` (see `trainable`): "attention" (every attention projection), "reduced"
@@ -216,12 +216,16 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     `hidden_state_loss` (every layer's output against the teacher's, from a teacher forward each
     step). `autocast="bfloat16"`: the student's forward (and so its backward) runs under `torch.autocast` in
     bfloat16 while the trained weights and Adam's state stay in their own dtype (mixed precision; much faster on
-    GPUs and on CPUs with bfloat16 matrix units, slower on CPUs without). Returns the distillation loss before and after (on the first `report_windows` windows;
+    GPUs and on CPUs with bfloat16 matrix units, slower on CPUs without). `ema` in (0, 1): the student ends with an
+    exponential moving average of the trained weights over the steps (decay `ema` per step, kept in float32 from
+    the starting weights) instead of the last step's: Polyak averaging of a batch-of-one trajectory. Returns the distillation loss before and after (on the first `report_windows` windows;
     the next-token term only) and the settings."""
     import math
 
     from headalloc.compression.precision import autocast_context
 
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1) (0 = off); got {ema}")
     if anchor < 0 or label_weight < 0:
         raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
     if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
@@ -270,6 +274,7 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     # anchor > 0: penalty anchor * sum_p |p - p0|^2 / |p0|^2 keeps the student near its initialisation
     init = [(p, p.detach().clone(), float(p.detach().float().square().sum()) or 1.0) for p in params] if anchor else []
     warm = max(1, steps // 10)
+    averaged = [p.detach().float().clone() for p in params] if ema and steps else []
     curve = []
     for step in tqdm(range(steps), desc="end-to-end distillation", disable=not progress, leave=False):
         for group in opt.param_groups:
@@ -296,15 +301,21 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                a.lerp_(p.detach().float(), 1 - ema)
         curve.append(float(loss.detach()))
     for p in params:
         p.requires_grad_(False)
+    with torch.no_grad():
+        for a, p in zip(averaged, params):
+            p.copy_(a.to(p.dtype))
     for p in frozen:
         p.requires_grad_(True)
     after = full_loss()
     student.train(was_training)
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
-            "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor, "autocast": autocast,
+            "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor, "ema": ema, "autocast": autocast,
             "label_weight": label_weight,
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": 1.0 if full else targets["mass"], "train_curve": curve}

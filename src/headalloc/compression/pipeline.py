@@ -336,7 +336,7 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
             w, targets = kd_targets(teacher, tok, cfg, cal, progress)
             kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk,
                                     cfg.seed, progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
-                                    hidden_weight=cfg.kd_hidden, anchor=cfg.kd_anchor,
+                                    hidden_weight=cfg.kd_hidden, anchor=cfg.kd_anchor, ema=cfg.kd_ema,
                                     autocast=cfg.autocast, label_weight=cfg.kd_label)
             kd.pop("train_curve")
             metrics["end_to_end"] = kd

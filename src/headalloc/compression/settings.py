@@ -152,6 +152,9 @@ class CompressConfig:
     kd_label: float = _f(0.0, "weight of the cross-entropy of the fitting windows' own next tokens (hard labels), "
                               "added to the distillation loss (0 = off: the teacher's distribution only)",
                          "end-to-end distillation")
+    kd_ema: float = _f(0.0, "decay of an exponential moving average of the trained weights, which the student "
+                            "keeps at the end (e.g. 0.99: about the last 100 steps averaged; 0 = off: the last "
+                            "step's weights)", "end-to-end distillation")
     # evaluation
     eval_windows: int = _f(16, "validation windows for perplexity (never used for fitting)", "evaluation")
     eval_length: int = _f(512, "tokens per validation window", "evaluation")
@@ -294,6 +297,8 @@ class CompressConfig:
                              f"'corpus+generated+canterbury')")
         if not 0 <= self.whiten_shrink < 1:
             raise ValueError(f"whiten_shrink must be in [0, 1); got {self.whiten_shrink}")
+        if not 0 <= self.kd_ema < 1:
+            raise ValueError(f"kd_ema must be in [0, 1) (a decay per step; 0 = off); got {self.kd_ema}")
         if self.kd_hidden < 0 or self.kd_anchor < 0 or self.kd_label < 0:
             raise ValueError(f"kd_hidden, kd_anchor and kd_label must be >= 0; got {self.kd_hidden}, {self.kd_anchor}, "
                              f"{self.kd_label}")
