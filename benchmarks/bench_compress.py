@@ -40,6 +40,9 @@ def main():
     ap.add_argument("--budgets", default=None, help="comma-separated budgets run one after the other (default: --budget)")
     ap.add_argument("--speed-of", default="measured",
                     help="comma-separated strategies whose models get the speed measurement, or 'all'")
+    ap.add_argument("--save-dir", default=None,
+                    help="also save every compressed model under this folder (one subfolder per budget kind, budget "
+                         "and strategy; `headalloc evaluate --model` measures it again on more or other text)")
     add_config_args(ap, exclude=("strategy",))
     a = ap.parse_args()
     # the perplexity before fitting is part of every row here (`headalloc compress` measures it with --eval-before)
@@ -56,12 +59,16 @@ def main():
           f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
           f"inputs) on "
           f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}, training {cfg.kd_train}{f'; the teacher passes over its windows and this stage under {cfg.autocast} autocast' if cfg.autocast != 'none' else ''}) on {cfg.kd_windows} training "
+          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}{f', weights averaged (EMA {cfg.kd_ema})' if cfg.kd_ema else ''}, training {cfg.kd_train}{f'; the teacher passes over its windows and this stage under {cfg.autocast} autocast' if cfg.autocast != 'none' else ''}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
     for budget in budgets:
         print(f"\n== {cfg.budget_kind} budget {budget} ==", flush=True)
         run_budget(a, replace(cfg, budget=budget), teacher, tok, data, t_ppl)
+
+
+def budget_tag(budget: float) -> str:
+    return f"{budget:g}".replace(".", "")
 
 
 def run_budget(a, cfg, teacher, tok, data, t_ppl):
@@ -84,6 +91,11 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
                        f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x, {h['windows']} windows of {h['length']})"
                        for k, h in (m.get("heldout") or {}).items())
         models[strat] = r.model
+        if a.save_dir:
+            from pathlib import Path
+
+            print(f"  {'':15s} saved to {r.save(Path(a.save_dir) / f'{cfg.budget_kind}{budget_tag(cfg.budget)}-{strat}')}",
+                  flush=True)
         kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
         rows.append((strat, p / t_ppl, heldout_ratios(m), kvr, m["after_distill"]["kv_bytes_per_token"]))
         print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}; KV {kvr:.3f}x   "

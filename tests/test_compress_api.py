@@ -121,6 +121,26 @@ def test_eval_seed_fixes_the_measured_windows_whatever_the_fitting_seed(tmp_path
     assert not torch.equal(eval_windows(tok, own), eval_windows(tok, a))
 
 
+def test_a_saved_model_measured_again_on_held_out_text_gives_the_jobs_figure(tmp_path):
+    """`headalloc evaluate --split all` on a saved model reproduces the held-out perplexity `compress` reported
+    (same windows: its seed is the job's + 2), and `--windows 0` measures every window of the text."""
+    from transformers import AutoTokenizer
+
+    from headalloc.assets import token_windows
+
+    folder = tiny_folder("llama", tmp_path / "llama")
+    r = headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
+                           **{**TINY, "heldout": "alice", "heldout_windows": 2, "seed": 4})
+    out = r.save(tmp_path / "out")
+    base = ["evaluate", "--model", str(out), "--corpus", "alice", "--split", "all", "--length", "32"]
+    assert main(base + ["--windows", "2", "--seed", "6", "--out", str(tmp_path / "two.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["perplexity"]["ppl"] == pytest.approx(r.metrics["heldout"]["alice"]["after"]["ppl"], rel=1e-5)
+    assert main(base + ["--windows", "0", "--out", str(tmp_path / "all.json")]) == 0
+    every = len(token_windows(AutoTokenizer.from_pretrained(folder), "alice", "all", 32))
+    assert json.loads((tmp_path / "all.json").read_text())["eval"]["windows"] == every > 2
+
+
 def test_unsupported_family_folder_is_refused_before_loading(tmp_path, capsys):
     from transformers import GPT2Config
 

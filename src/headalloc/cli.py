@@ -259,9 +259,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from headalloc.evaluation.lm import compare, counts, perplexity
     from headalloc.io import atomic_write_json
 
-    if args.windows < 1 or args.length < 2 or args.batch < 1 or args.repeats < 1 or args.new_tokens < 1 \
+    if args.windows < 0 or args.length < 2 or args.batch < 1 or args.repeats < 1 or args.new_tokens < 1 \
             or min(args.contexts) < 1:
-        raise ValueError(f"--windows, --batch, --repeats, --new-tokens and --contexts must be >= 1 and --length >= 2; "
+        raise ValueError(f"--batch, --repeats, --new-tokens and --contexts must be >= 1, --windows >= 0 (0: every "
+                         f"window of the split) and --length >= 2; "
                          f"got {args.windows}, {args.batch}, {args.repeats}, {args.new_tokens}, {args.contexts}, "
                          f"{args.length}")
     model, tok = load_model(args.model, dtype=args.dtype, device_map=args.device_map, device=args.device)
@@ -270,16 +271,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if limit is not None and longest + (args.new_tokens if args.reference else 0) > limit:
         raise ValueError(f"{args.model} has {limit} positions; --length {args.length} / --contexts {args.contexts} "
                          f"(plus {args.new_tokens} decoded tokens) go beyond it: ask for shorter ones")
-    ev = token_windows(tok, args.corpus, "validation", args.length, args.windows, seed=args.seed + 1)
+    ev = token_windows(tok, args.corpus, args.split, args.length, args.windows or None, seed=args.seed + 1)
     res = {"model": str(args.model), "perplexity": perplexity(model, ev), **counts(model, args.length),
-           "eval": {"corpus": args.corpus, "split": "validation", "windows": args.windows, "length": args.length}}
-    print(f"{args.model}: perplexity {res['perplexity']['ppl']:.2f} on {args.windows} validation windows of "
+           "eval": {"corpus": args.corpus, "split": args.split, "windows": len(ev), "length": args.length,
+                    "seed": args.seed}}
+    print(f"{args.model}: perplexity {res['perplexity']['ppl']:.2f} on {len(ev)} {args.split} windows of "
           f"{args.length} tokens; attention params {res['params_attention']:,}; KV cache "
           f"{res['kv_bytes_per_token']} bytes/token")
     if args.reference:
         ref, _ = load_model(args.reference, dtype=args.dtype, device_map=args.device_map, device=args.device)
         res["reference"] = {"model": args.reference, "perplexity": perplexity(ref, ev), **counts(ref, args.length)}
-        long = token_windows(tok, args.corpus, "validation", max(args.contexts), 1, seed=args.seed)
+        long = token_windows(tok, args.corpus, args.split, max(args.contexts), 1, seed=args.seed)
         res["speed"] = compare(ref, model, long, args.contexts, args.new_tokens, args.repeats, batch=args.batch)
         print(f"reference {args.reference}: perplexity {res['reference']['perplexity']['ppl']:.2f}")
         for c, v in res["speed"].items():
@@ -415,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a saved (compressed) model directory or a name")
     p.add_argument("--reference", default=None, help="model to compare speed with, e.g. smollm2")
     p.add_argument("--corpus", default="wiki")
-    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
+                   help="which part of the corpus ('all' for a held-out kind of text such as alice or pydoc, "
+                        "which nothing is fitted on)")
+    p.add_argument("--windows", type=int, default=16, help="windows drawn with --seed (0: every window, in order)")
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--contexts", type=_ints, default=[1024, 4096])
     p.add_argument("--new-tokens", type=int, default=32)
