@@ -67,6 +67,11 @@ def main():
         run_budget(a, replace(cfg, budget=budget), teacher, tok, data, t_ppl)
 
 
+def interval(r) -> str:
+    """A ratio's 90% paired bootstrap interval over the evaluation windows, when measured."""
+    return f" [{r['low']:.2f}, {r['high']:.2f}]" if r else ""
+
+
 def budget_tag(budget: float) -> str:
     return f"{budget:g}".replace(".", "")
 
@@ -88,7 +93,7 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
         held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> "
                        + (f"{h['before']['ppl']:.2f} -> " if "before" in h else "")
                        + (f"{h['after_layerwise']['ppl']:.2f} -> " if "after_layerwise" in h else "") + f"{h['after']['ppl']:.2f} "
-                       f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x, {h['windows']} windows of {h['length']})"
+                       f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x{interval(h.get('ratio'))}, {h['windows']} windows of {h['length']})"
                        for k, h in (m.get("heldout") or {}).items())
         models[strat] = r.model
         if a.save_dir:
@@ -98,7 +103,7 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
                   flush=True)
         kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
         rows.append((strat, p / t_ppl, heldout_ratios(m), kvr, m["after_distill"]["kv_bytes_per_token"]))
-        print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original){held}; KV {kvr:.3f}x   "
+        print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original{interval(m.get('ratio'))}){held}; KV {kvr:.3f}x   "
               f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
               f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
         if "exponent" in r.plan.info:  # our knapsacks: the candidate plan that lost least on the calibration text

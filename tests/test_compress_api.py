@@ -136,6 +136,9 @@ def test_a_saved_model_measured_again_on_held_out_text_gives_the_jobs_figure(tmp
     assert main(base + ["--windows", "2", "--seed", "6", "--out", str(tmp_path / "two.json")]) == 0
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["perplexity"]["ppl"] == pytest.approx(r.metrics["heldout"]["alice"]["after"]["ppl"], rel=1e-5)
+    h = r.metrics["heldout"]["alice"]  # the job's ratio, with its interval over the two windows
+    assert h["ratio"]["ratio"] == pytest.approx(h["after"]["ppl"] / h["teacher"]["ppl"], rel=1e-9)
+    assert h["ratio"]["low"] <= h["ratio"]["ratio"] <= h["ratio"]["high"] and h["ratio"]["windows"] == 2
     assert main(base + ["--windows", "0", "--out", str(tmp_path / "all.json")]) == 0
     every = len(token_windows(AutoTokenizer.from_pretrained(folder), "alice", "all", 32))
     assert json.loads((tmp_path / "all.json").read_text())["eval"]["windows"] == every > 2

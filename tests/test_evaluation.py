@@ -45,6 +45,31 @@ def test_perplexity_is_exp_of_mean_cross_entropy():
     assert math.isclose(perplexity(t, w, progress=False)["ppl"], math.exp(ce.item()), rel_tol=1e-5)
 
 
+def test_window_nlls_are_transformers_own_loss_and_the_paired_interval_brackets_the_ratio():
+    """Each window's summed NLL is transformers' own mean loss on that window times its predicted tokens; the paired
+    ratio is exp of the mean difference per token, its bootstrap interval holds it, collapses to a point when every
+    window differs by the same amount, and refuses windows that do not pair."""
+    import numpy as np
+    import pytest
+
+    from headalloc.evaluation.lm import paired_ratio_interval
+
+    t, s = models()
+    w = torch.randint(0, 80, (6, 12))
+    pt, ps = perplexity(t, w, progress=False), perplexity(s, w, progress=False)
+    with torch.no_grad():
+        hf = [float(t(x[None], labels=x[None]).loss) * 11 for x in w]
+    assert np.allclose(pt["window_nll"], hf, rtol=1e-5)
+    r = paired_ratio_interval(ps["window_nll"], pt["window_nll"], 11)
+    assert math.isclose(r["ratio"], ps["ppl"] / pt["ppl"], rel_tol=1e-9)
+    assert r["low"] <= r["ratio"] <= r["high"] and r["low"] < r["high"] and r["windows"] == 6
+    shifted = paired_ratio_interval([x + 0.3 * 11 for x in pt["window_nll"]], pt["window_nll"], 11)
+    assert math.isclose(shifted["low"], math.exp(0.3), rel_tol=1e-9)
+    assert math.isclose(shifted["high"], math.exp(0.3), rel_tol=1e-9)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_ratio_interval(ps["window_nll"][:5], pt["window_nll"], 11)
+
+
 def test_cached_perplexity_is_measured_once_per_model_and_windows(tmp_path, monkeypatch):
     from headalloc.evaluation.lm import cached_perplexity
 

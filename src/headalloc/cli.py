@@ -232,12 +232,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     def before(d):  # the compressed model before fitting, with --eval-before
         return f"{d['ppl']:.2f} -> " if d else ""
 
+    def interval(r):  # 90% paired bootstrap interval of the ratio over the windows
+        return f", 90% interval over windows {r['low']:.2f}-{r['high']:.2f}" if r else ""
+
     print(f"perplexity: original {t['ppl']:.2f}, compressed {before(m.get('before_distill'))}"
-          f"{a['ppl']:.2f} after distillation ({cfg.eval_windows} validation windows of {cfg.eval_length})")
+          f"{a['ppl']:.2f} after distillation ({a['ppl'] / t['ppl']:.2f}x{interval(m.get('ratio'))}; "
+          f"{cfg.eval_windows} validation windows of {cfg.eval_length})")
     for h in (m.get("heldout") or {}).values():
         print(f"held-out text '{h['corpus']}' (never fitted on): original {h['teacher']['ppl']:.2f}, compressed "
-              f"{before(h.get('before'))}{h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x; "
-              f"{h['windows']} windows of {h['length']})")
+              f"{before(h.get('before'))}{h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x"
+              f"{interval(h.get('ratio'))}; {h['windows']} windows of {h['length']})")
     print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
           f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
     secs = {k: m.get(f"seconds_{k}") for k in ("fit_text", "plan", "layerwise", "distill", "total")}

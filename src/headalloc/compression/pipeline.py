@@ -75,6 +75,15 @@ def heldout_windows(tok, cfg: CompressConfig) -> dict[str, torch.Tensor]:
     return {k: _windows(tok, k, "all", cfg.eval_length, cfg.heldout_windows, cfg.measure_seed + 3) for k in cfg.heldout_kinds}
 
 
+def _ratio(after: dict, teacher: dict, cfg: CompressConfig) -> dict | None:
+    """The perplexity ratio with a 90% paired bootstrap interval over the windows (None from a single window)."""
+    from headalloc.evaluation.lm import paired_ratio_interval
+
+    if len(after.get("window_nll", ())) < 2 or len(teacher.get("window_nll", ())) != len(after["window_nll"]):
+        return None
+    return paired_ratio_interval(after["window_nll"], teacher["window_nll"], cfg.eval_length - 1, seed=cfg.measure_seed)
+
+
 def heldout_ratios(metrics: dict) -> dict[str, float]:
     """Final perplexity on each held-out text as a ratio to the original's."""
     return {k: h["after"]["ppl"] / h["teacher"]["ppl"] for k, h in (metrics.get("heldout") or {}).items()
@@ -353,6 +362,8 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
                 cal.cache[hkey] = cached_perplexity(teacher, w, progress, desc=f"original '{k}' ppl")
             metrics["heldout"][k].update(teacher=cal.cache[hkey],
                                          after=perplexity(student, w, progress, desc=f"compressed '{k}' ppl"))
+            metrics["heldout"][k]["ratio"] = _ratio(metrics["heldout"][k]["after"], cal.cache[hkey], cfg)
+        metrics["ratio"] = _ratio(metrics["after_distill"], metrics["teacher"], cfg)
         metrics["evaluation"] = {"corpus": cfg.corpus, "split": "validation", "windows": cfg.eval_windows,
                                  "length": cfg.eval_length}
     metrics["seconds_total"] = time.time() - t_start

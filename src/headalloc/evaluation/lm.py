@@ -15,14 +15,36 @@ from headalloc.compression.modeling_headalloc import CACHE_NAME  # "cache" from 
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> dict:
-    """exp(mean next-token NLL) over every predicted token of the windows (each scored independently)."""
-    nll, n = 0.0, 0
+    """exp(mean next-token NLL) over every predicted token of the windows (each scored independently);
+    "window_nll": each window's summed NLL (for intervals over windows, see `paired_ratio_interval`)."""
+    nll, n, per = 0.0, 0, []
     device = model.get_input_embeddings().weight.device
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
         logits = model(input_ids=w[None].to(device)).logits[0, :-1].double().cpu()
-        nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        per.append(float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")))
+        nll += per[-1]
         n += w.numel() - 1
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n}
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "window_nll": per}
+
+
+def paired_ratio_interval(model_nll, reference_nll, tokens_per_window: int, level: float = 0.9,
+                          resamples: int = 2000, seed: int = 0) -> dict:
+    """The perplexity ratio of a model to a reference on the same windows (given each window's summed NLL), and
+    a percentile bootstrap interval over windows (the same windows drawn for both: a paired resampling), so a
+    ratio is reported with how much it could move on other windows of the same text."""
+    import numpy as np
+
+    a, b = np.asarray(model_nll, dtype=np.float64), np.asarray(reference_nll, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"need the same windows (at least 2) for both; got {a.shape} and {b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    ratio = math.exp((a.sum() - b.sum()) / (len(a) * tokens_per_window))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    boot = np.exp((a[idx].sum(1) - b[idx].sum(1)) / (len(a) * tokens_per_window))
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"ratio": ratio, "low": float(lo), "high": float(hi), "level": level, "windows": len(a)}
 
 
 def cached_perplexity(model, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity") -> dict:
@@ -41,7 +63,7 @@ def cached_perplexity(model, windows: torch.Tensor, progress: bool = True, desc:
     if path.exists():
         try:
             got = read_json(path)
-            if isinstance(got, dict) and set(got) == {"ppl", "nll", "tokens"}:
+            if isinstance(got, dict) and set(got) == {"ppl", "nll", "tokens", "window_nll"}:
                 return got
         except (OSError, ValueError):
             pass  # damaged: measure again
