@@ -62,6 +62,15 @@ def main():
           f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}{f', weights averaged (EMA {cfg.kd_ema})' if cfg.kd_ema else ''}, training {cfg.kd_train}{f'; the teacher passes over its windows and this stage under {cfg.autocast} autocast' if cfg.autocast != 'none' else ''}) on {cfg.kd_windows} training "
           f"windows of {cfg.kd_length}")
     budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
+    if a.save_dir:  # every folder the run will write, checked before any work (nothing foreign is overwritten)
+        from headalloc.compression.export import check_output
+
+        for budget in budgets:
+            for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
+                try:
+                    check_output(save_path(a, replace(cfg, budget=budget), strat))
+                except ValueError as e:
+                    raise SystemExit(f"--save-dir: {e}") from None
     for budget in budgets:
         print(f"\n== {cfg.budget_kind} budget {budget} ==", flush=True)
         run_budget(a, replace(cfg, budget=budget), teacher, tok, data, t_ppl)
@@ -72,8 +81,11 @@ def interval(r) -> str:
     return f" [{r['low']:.2f}, {r['high']:.2f}]" if r else ""
 
 
-def budget_tag(budget: float) -> str:
-    return f"{budget:g}".replace(".", "")
+def save_path(a, cfg, strat: str):
+    """Where --save-dir keeps one strategy's model at one budget (e.g. DIR/params05-measured-lowrank)."""
+    from pathlib import Path
+
+    return Path(a.save_dir) / f"{cfg.budget_kind}{cfg.budget:g}-{strat}".replace(".", "")
 
 
 def run_budget(a, cfg, teacher, tok, data, t_ppl):
@@ -97,10 +109,7 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
                        for k, h in (m.get("heldout") or {}).items())
         models[strat] = r.model
         if a.save_dir:
-            from pathlib import Path
-
-            print(f"  {'':15s} saved to {r.save(Path(a.save_dir) / f'{cfg.budget_kind}{budget_tag(cfg.budget)}-{strat}')}",
-                  flush=True)
+            print(f"  {'':15s} saved to {r.save(save_path(a, cfg, strat))}", flush=True)
         kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
         rows.append((strat, p / t_ppl, heldout_ratios(m), kvr, m["after_distill"]["kv_bytes_per_token"]))
         print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original{interval(m.get('ratio'))}){held}; KV {kvr:.3f}x   "

@@ -42,6 +42,15 @@ def main():
     ap.add_argument("--out", default=None, help="also write every figure here (JSON, atomically)")
     a = ap.parse_args()
     texts = parse_texts(a.texts)
+    if not 0 < a.level < 1 or a.length < 2:
+        raise SystemExit(f"--level must be in (0, 1) and --length >= 2; got {a.level}, {a.length}")
+    from headalloc.assets.models import resolve_model
+
+    for d in a.models:  # every folder exists and holds a config before the original's passes
+        try:
+            resolve_model(d)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     ref, tok = load_model(a.reference)
     windows = {f"{c}:{s}": token_windows(tok, c, s, a.length, n or None, seed=a.seed) for c, s, n in texts}
     t0 = time.time()
