@@ -106,6 +106,16 @@ def test_bad_settings_fail_before_any_work(flag, value, message, capsys, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_a_setting_outside_its_choices_names_them(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--kd-sampling", "shuffle", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "invalid choice: 'shuffle' (choose from 'epochs', 'replacement')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kd_sampling must be one of epochs, replacement; got 'shuffle'"):
+        CompressConfig(kd_sampling="shuffle").validate()
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_seed_fixes_the_measured_windows_whatever_the_fitting_seed(tmp_path):
     from transformers import AutoTokenizer
 

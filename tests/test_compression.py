@@ -431,6 +431,54 @@ def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
     assert moved(10.0) < 0.5 * moved(0.0)
 
 
+def _trained_windows(sampling, steps, batch, seed=3):
+    """The windows each end-to-end step fed the student, read back from the tokens the student's embedding saw."""
+    from headalloc.compression.distill import distill_end_to_end
+
+    model = tiny_llama()
+    student = compress_model(model, [LayerPlan(4, 4)] * 3)
+    w = torch.randint(0, 120, (6, 24), generator=torch.Generator().manual_seed(1))
+    w[:, 0] = torch.arange(6)  # six windows, each row distinct
+    fed = []
+    hook = student.model.embed_tokens.register_forward_hook(lambda m, a, out: fed.append(a[0].clone()))
+    r = distill_end_to_end(model, student, w, steps=steps, lr=1e-3, batch=batch, k=8, seed=seed, progress=False,
+                           report_windows=1, sampling=sampling)
+    hook.remove()
+    steps_fed = fed[1:-1]  # (the first and last forwards report the loss on window 0)
+    assert len(steps_fed) == steps
+    rows = [[int(torch.nonzero((w == x).all(-1))[0]) for x in ids] for ids in steps_fed]
+    return rows, r
+
+
+def test_epochs_take_every_window_once_per_pass_and_replacement_draws_as_before():
+    from collections import Counter
+
+    rows, r = _trained_windows("epochs", steps=9, batch=2)  # 18 draws over 6 windows: three whole passes
+    flat = [i for step in rows for i in step]
+    for p in range(3):
+        assert sorted(flat[6 * p:6 * p + 6]) == list(range(6))
+    assert r["sampling"] == "epochs" and r["windows_seen"] == 6
+    assert flat[:6] != flat[6:12]  # each pass in a new order
+    # "replacement": each step's windows are an independent draw, the stream of a generator with the same seed
+    rows, r = _trained_windows("replacement", steps=9, batch=2)
+    g = torch.Generator().manual_seed(3)
+    assert rows == [torch.randint(0, 6, (2,), generator=g).tolist() for _ in range(9)]
+    assert r["windows_seen"] == len(Counter(i for step in rows for i in step))
+
+
+def test_window_order_and_bad_sampling():
+    from headalloc.compression.distill import distill_end_to_end, window_order
+
+    g = torch.Generator().manual_seed(0)
+    o = window_order(600, 600, 1, g)
+    assert o.shape == (600, 1) and sorted(o.flatten().tolist()) == list(range(600))
+    assert window_order(5, 0, 3, g).shape == (0, 3)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="sampling must be one of epochs, replacement; got 'shuffle'"):
+        distill_end_to_end(model, compress_model(model, [LayerPlan(4, 4)] * 3), torch.zeros(2, 8, dtype=torch.long),
+                           steps=1, progress=False, sampling="shuffle")
+
+
 def test_ema_ends_at_the_moving_average_of_the_trajectory(monkeypatch):
     """With `ema` the student ends at the exponential moving average of the weights the optimiser visited
     (recorded after every Adam step, averaged here in float64 from the starting weights); the trajectory itself is

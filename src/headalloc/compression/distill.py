@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
-from headalloc.compression.settings import KD_AUTOCAST_CHOICES, KD_TRAIN_CHOICES
+from headalloc.compression.settings import KD_AUTOCAST_CHOICES, KD_SAMPLING_CHOICES, KD_TRAIN_CHOICES
 
 
 def _layer_out(layer, h, pe):
@@ -183,6 +183,7 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
 
 
 TRAIN_CHOICES, AUTOCAST_CHOICES = KD_TRAIN_CHOICES, KD_AUTOCAST_CHOICES  # (one table: settings.py)
+SAMPLING_CHOICES = KD_SAMPLING_CHOICES
 
 
 def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:
@@ -201,11 +202,21 @@ def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:
     return out
 
 
+def window_order(n: int, steps: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """(steps, batch) window indices taking every one of n windows once per pass, each pass in a new random order
+    (passes run on across step boundaries: a batch may hold the end of one pass and the start of the next)."""
+    if n < 1 or steps < 0 or batch < 1:
+        raise ValueError(f"need n >= 1 windows, steps >= 0 and batch >= 1; got {n}, {steps}, {batch}")
+    need = steps * batch
+    passes = [torch.randperm(n, generator=generator) for _ in range(-(-need // n))]
+    return (torch.cat(passes) if passes else torch.zeros(0, dtype=torch.long))[:need].view(steps, batch)
+
+
 def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
                        k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
                        report_windows: int = 4, train: str = "attention", tail: bool = False,
                        hidden_weight: float = 0.0, anchor: float = 0.0, autocast: str = "none",
-                       label_weight: float = 0.0, ema: float = 0.0) -> dict:
+                       label_weight: float = 0.0, ema: float = 0.0, sampling: str = "replacement") -> dict:
     """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
     text), through the whole network, so errors that layer-local fitting leaves to accumulate across
     layers are corrected. `train` (see `trainable`): "attention" (every attention projection), "reduced"
@@ -218,7 +229,10 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     bfloat16 while the trained weights and Adam's state stay in their own dtype (mixed precision; much faster on
     GPUs and on CPUs with bfloat16 matrix units, slower on CPUs without). `ema` in (0, 1): the student ends with an
     exponential moving average of the trained weights over the steps (decay `ema` per step, kept in float32 from
-    the starting weights) instead of the last step's: Polyak averaging of a batch-of-one trajectory. Returns the distillation loss before and after (on the first `report_windows` windows;
+    the starting weights) instead of the last step's: Polyak averaging of a batch-of-one trajectory. `sampling`: which
+    windows each step takes (`window_order`): "epochs" (every window once, in a new random order each pass) or
+    "replacement" (each step's drawn independently: at one window per step over as many steps as windows, about a
+    third of them are never seen). Returns the distillation loss before and after (on the first `report_windows` windows;
     the next-token term only) and the settings."""
     import math
 
@@ -226,6 +240,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
 
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1) (0 = off); got {ema}")
+    if sampling not in SAMPLING_CHOICES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_CHOICES)}; got {sampling!r}")
     if anchor < 0 or label_weight < 0:
         raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
     if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
@@ -276,10 +292,14 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     warm = max(1, steps // 10)
     averaged = [p.detach().float().clone() for p in params] if ema and steps else []
     curve = []
+    order = window_order(len(windows), steps, batch, g) if sampling == "epochs" else None
+    seen = set()
     for step in tqdm(range(steps), desc="end-to-end distillation", disable=not progress, leave=False):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(0, len(windows), (batch,), generator=g)
+        # ("replacement" draws step by step, as before the setting existed: the same windows for the same seed)
+        idx = order[step] if order is not None else torch.randint(0, len(windows), (batch,), generator=g)
+        seen.update(idx.tolist())
         with autocast_context(autocast, dev):
             ids = windows[idx].to(dev)
             out = student(input_ids=ids, output_hidden_states=hidden_weight > 0,
@@ -316,6 +336,6 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
     student.train(was_training)
     return {"loss_before": before, "loss_after": after, "steps": steps, "lr": lr, "batch": batch, "k": k,
             "train": train, "tail": tail, "hidden_weight": hidden_weight, "anchor": anchor, "ema": ema, "autocast": autocast,
-            "label_weight": label_weight,
+            "label_weight": label_weight, "sampling": sampling, "windows_seen": len(seen),
             "windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
             "teacher_topk_mass": 1.0 if full else targets["mass"], "train_curve": curve}

@@ -346,7 +346,8 @@ def compress(model_or_path=None, *, budget: float | None = None, strategy: str |
             kd = distill_end_to_end(teacher, student, w, cfg.kd_steps, cfg.kd_lr, cfg.kd_batch, cfg.kd_topk,
                                     cfg.seed, progress, targets=targets, train=cfg.kd_train, tail=cfg.kd_tail,
                                     hidden_weight=cfg.kd_hidden, anchor=cfg.kd_anchor, ema=cfg.kd_ema,
-                                    autocast=cfg.autocast, label_weight=cfg.kd_label)
+                                    autocast=cfg.autocast, label_weight=cfg.kd_label,
+                                    sampling=cfg.kd_sampling)
             kd.pop("train_curve")
             metrics["end_to_end"] = kd
     metrics["seconds_distill"] = time.time() - t1

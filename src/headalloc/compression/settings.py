@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # what the end-to-end stage may train, and its mixed precision (`distill.distill_end_to_end` checks against these too)
 KD_TRAIN_CHOICES = ("attention", "reduced", "layers")
 KD_AUTOCAST_CHOICES = ("none", "bfloat16")
+# which windows each end-to-end step takes (`distill.window_order`)
+KD_SAMPLING_CHOICES = ("epochs", "replacement")
 # the `autocast` setting: the above, or "auto" (`precision.resolve_autocast`: bfloat16 where the hardware has bfloat16
 # matrix units)
 AUTOCAST_CHOICES = ("auto",) + KD_AUTOCAST_CHOICES
@@ -134,6 +136,11 @@ class CompressConfig:
     # alice / pydoc at budget 0.5): params (measured-lowrank) 1.12x / 1.29x / 1.46x -> 1.10x / 1.27x / 1.44x, KV
     # (measured-latent) 1.03x / 1.17x / 1.25x -> 1.03x / 1.15x / 1.23x.
     kd_windows: int = _f(600, "distinct training windows for the end-to-end stage", "end-to-end distillation")
+    kd_sampling: str = _f("replacement", "which windows each end-to-end step takes: every window once per pass, each "
+                                         "pass in a new random order ('epochs'), or each step's drawn independently "
+                                         "('replacement': at one window per step over as many steps as windows, "
+                                         "about a third of them, and their teacher passes, go unused)",
+                          "end-to-end distillation", KD_SAMPLING_CHOICES)
     kd_length: int = _f(256, "tokens per end-to-end window", "end-to-end distillation")
     kd_batch: int = _f(1, "windows per end-to-end step", "end-to-end distillation")
     kd_topk: int = _f(32, "teacher probabilities kept per position (top k); 0 = the full-vocabulary KL, the "
