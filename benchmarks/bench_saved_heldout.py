@@ -58,7 +58,8 @@ def main():
     print(f"original {a.reference}: " + "; ".join(f"{k} {v['ppl']:.2f} ({len(windows[k])} windows of {a.length})"
                                               for k, v in base.items()) + f"  [{time.time() - t0:.0f} s]", flush=True)
     res = {"reference": a.reference, "length": a.length, "seed": a.seed, "level": a.level,
-           "texts": {k: {"windows": len(w), "ppl": base[k]["ppl"]} for k, w in windows.items()}, "models": {}}
+           "texts": {k: {"windows": len(w), "ppl": base[k]["ppl"], "window_nll": list(base[k]["window_nll"])}
+                     for k, w in windows.items()}, "models": {}}
     for d in a.models:
         model, _ = load_model(d)
         row = {}
@@ -66,7 +67,8 @@ def main():
         for k, w in windows.items():
             got = perplexity(model, w, desc=f"{Path(d).name} {k}")
             row[k] = {"ppl": got["ppl"], **paired_ratio_interval(got["window_nll"], base[k]["window_nll"],
-                                                                 a.length - 1, a.level, seed=a.seed)}
+                                                                 a.length - 1, a.level, seed=a.seed),
+                      "window_nll": list(got["window_nll"])}
         res["models"][d] = row
         print(f"{d}: " + "; ".join(f"{k} {v['ppl']:.2f} = {v['ratio']:.3f}x [{v['low']:.3f}, {v['high']:.3f}]"
                                    for k, v in row.items()) + f"  [{time.time() - t0:.0f} s]", flush=True)
