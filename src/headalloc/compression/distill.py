@@ -183,7 +183,6 @@ def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
 
 
 TRAIN_CHOICES, AUTOCAST_CHOICES = KD_TRAIN_CHOICES, KD_AUTOCAST_CHOICES  # (one table: settings.py)
-SAMPLING_CHOICES = KD_SAMPLING_CHOICES
 
 
 def trainable(teacher, student, train: str) -> list[torch.nn.Parameter]:
@@ -240,8 +239,8 @@ def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60,
 
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1) (0 = off); got {ema}")
-    if sampling not in SAMPLING_CHOICES:
-        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_CHOICES)}; got {sampling!r}")
+    if sampling not in KD_SAMPLING_CHOICES:
+        raise ValueError(f"sampling must be one of {', '.join(KD_SAMPLING_CHOICES)}; got {sampling!r}")
     if anchor < 0 or label_weight < 0:
         raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
     if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
