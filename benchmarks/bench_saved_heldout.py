@@ -8,6 +8,10 @@ in one run, and prints each perplexity ratio with a paired bootstrap interval ov
 
     .venv/bin/python benchmarks/bench_saved_heldout.py DIR [DIR ...]                 # every window of alice and pydoc, 64 Wikipedia
     .venv/bin/python benchmarks/bench_saved_heldout.py DIR --texts alice:all:0 --out r.json
+    .venv/bin/python benchmarks/bench_saved_heldout.py --from r.json --quarters   # where the loss is, from a saved run
+
+`--quarters` splits each text's windows into four by the original's loss on them (easiest first) and prints how
+many nats a window the model loses in each quarter: whether compression costs most where the original is surest.
 """
 
 import argparse
@@ -30,9 +34,28 @@ def parse_texts(spec: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def quarters(base_nll, model_nll, parts: int = 4) -> list[tuple[float, float]]:
+    """(the original's mean window loss, the model's mean loss increase) in each of `parts` groups of windows ordered
+    by the original's loss, easiest first (nats per window)."""
+    import numpy as np
+
+    b, m = np.asarray(base_nll, dtype=float), np.asarray(model_nll, dtype=float)
+    if b.shape != m.shape or len(b) < parts:
+        raise SystemExit(f"--quarters needs the same windows for both, at least {parts}; got {len(b)} and {len(m)}")
+    return [(float(b[i].mean()), float((m[i] - b[i]).mean())) for i in np.array_split(np.argsort(b), parts)]
+
+
+def print_quarters(res: dict) -> None:
+    print("\nnats lost a window, by quarter of the original's loss (easiest first; the original's mean loss in brackets)")
+    for d, row in res["models"].items():
+        for k, v in row.items():
+            q = quarters(res["texts"][k]["window_nll"], v["window_nll"])
+            print(f"{d[-40:]:40s} {k:>16s} " + "  ".join(f"{lost:6.1f} ({orig:.0f})" for orig, lost in q))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", help="saved model folders")
+    ap.add_argument("models", nargs="*", help="saved model folders")
     ap.add_argument("--reference", default="smollm2", help="the original the ratios are to")
     ap.add_argument("--texts", default="wiki:validation:64,alice:all:0,pydoc:all:0",
                     help="corpus:split:windows, comma-separated (windows 0: every window, in order)")
@@ -40,7 +63,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="draws the windows when a text asks for a sample")
     ap.add_argument("--level", type=float, default=0.9, help="the intervals' coverage")
     ap.add_argument("--out", default=None, help="also write every figure here (JSON, atomically)")
+    ap.add_argument("--quarters", action="store_true", help="also print the loss by quarter of the original's loss")
+    ap.add_argument("--from", dest="source", default=None,
+                    help="read a previous run's --out file instead of measuring (with --quarters)")
     a = ap.parse_args()
+    if a.source:
+        import json
+
+        try:
+            print_quarters(json.loads(Path(a.source).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--from {a.source}: not a readable --out file of this benchmark ({e})") from None
+        return
+    if not a.models:
+        raise SystemExit("give one or more saved model folders (or --from FILE --quarters)")
     texts = parse_texts(a.texts)
     if not 0 < a.level < 1 or a.length < 2:
         raise SystemExit(f"--level must be in (0, 1) and --length >= 2; got {a.level}, {a.length}")
@@ -79,6 +115,8 @@ def main():
     for d, row in res["models"].items():
         print(f"{d[-40:]:40s} " + " ".join(f"{row[k]['ratio']:6.3f}x [{row[k]['low']:.3f}, {row[k]['high']:.3f}]"
                                           for k in names))
+    if a.quarters:
+        print_quarters(res)
     if a.out:
         atomic_write_json(a.out, res)
 
