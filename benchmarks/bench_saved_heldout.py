@@ -115,10 +115,10 @@ def main():
     for d, row in res["models"].items():
         print(f"{d[-40:]:40s} " + " ".join(f"{row[k]['ratio']:6.3f}x [{row[k]['low']:.3f}, {row[k]['high']:.3f}]"
                                           for k in names))
+    if a.out:  # before anything else can fail
+        atomic_write_json(a.out, res)
     if a.quarters:
         print_quarters(res)
-    if a.out:
-        atomic_write_json(a.out, res)
 
 
 if __name__ == "__main__":
