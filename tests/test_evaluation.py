@@ -169,3 +169,18 @@ def test_batched_decode_traffic_shares_the_weights():
         kv = one["kv_bytes_per_token"] * 10
         assert math.isclose(four["decode_bytes_per_token"], (one["decode_bytes_per_token"] - kv) / 4 + kv)
         assert four["decode_flops_per_token"] == one["decode_flops_per_token"]
+
+
+def test_planning_window_losses_several_windows_to_a_pass_are_transformers_own_loss():
+    """The candidate plans' per-window losses (several windows to a forward pass) are transformers' own mean loss on
+    each window alone, for every batch size, including a last pass that is not full."""
+    import numpy as np
+
+    from headalloc.compression.latent import _window_nll
+
+    t, _ = models()
+    w = torch.randint(0, 80, (7, 12))
+    with torch.no_grad():
+        hf = [float(t(x[None], labels=x[None]).loss) for x in w]
+        for batch in (1, 3, 7, 16):
+            assert np.allclose(_window_nll(t, w, batch=batch).numpy(), hf, rtol=1e-5)

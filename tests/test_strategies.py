@@ -131,3 +131,43 @@ def test_measured_with_head_choices_is_never_worse_than_widths_or_pruning_alone(
         for plan in (both, widths, pruned):
             assert len(plan) == 4 and sum(g.spec(lp).params(48) for lp in plan) <= budget * full
         assert any(lp.keep_kv is not None for lp in pruned) and all(lp.keep_kv is None for lp in widths)
+
+
+@pytest.mark.parametrize("rows", [10_000, 48, 24])
+def test_layer_error_several_windows_to_a_pass_equals_one_window_at_a_time(monkeypatch, rows):
+    """The planning estimates measure several calibration windows per pass (`window_batches`); each window through
+    Hugging Face's own attention module alone, summed by hand, is the reference (with and without gradients, over all
+    windows and a listed subset), and a window of another length goes in a pass of its own."""
+    import headalloc.compression.strategies as st
+    from headalloc.compression.families import adapter_for
+    from headalloc.compression.spec import LayerPlan
+
+    monkeypatch.setattr(st, "ROWS_PER_PASS", rows)
+    model = tiny()
+    data = collect(model, torch.randint(0, 100, (5, 24)))
+    ad, g = adapter_for(model), Geometry.of(model)
+    lp = LayerPlan(16, 16, rank_q=8)
+    for l in (0, 3):
+        spec, w = st.reduce_layer(ad.weights(model, l), data.second_moment[l], lp, g, l)
+        student = st.attention_module(model.config, spec, w, l)
+        attn = ad.attention(model, l)
+        with torch.no_grad():
+            dys = [attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
+                   - student(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
+                   for X, pe in zip(data.inputs[l], data.positions)]
+        plain = [float(dy.double().square().sum(-1).mean()) / data.resid_sq[l] for dy in dys]
+        data.cache.clear()
+        assert st.layer_error(model, l, data, spec, w) == pytest.approx(sum(plain) / 5, rel=1e-5)
+        assert st.layer_error(model, l, data, spec, w, windows=[1, 4]) == pytest.approx((plain[1] + plain[4]) / 2,
+                                                                                       rel=1e-5)
+        grads = [[torch.randn_like(X) for X in data.inputs[k]] for k in range(4)]
+        weighted = [float((gr * dy).double().sum(-1).square().sum()) for gr, dy in zip(grads[l], dys)]
+        data.grads = grads
+        assert st.layer_error(model, l, data, spec, w) == pytest.approx(sum(weighted) / 5, rel=1e-5)
+        data.grads = None
+    assert st.window_batches(data, 0, range(5)) == ([[0, 1, 2, 3, 4]] if rows >= 120 else
+                                                    [[0, 1], [2, 3], [4]] if rows == 48 else [[i] for i in range(5)])
+    other = collect(model, torch.randint(0, 100, (1, 20)))  # a shorter window: its own pass
+    data.inputs = [x + o for x, o in zip(data.inputs, other.inputs)]
+    data.positions = data.positions + other.positions
+    assert [5] in st.window_batches(data, 0, range(6))

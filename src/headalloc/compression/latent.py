@@ -252,13 +252,15 @@ def worst_part_increase(model, cal: Calibration, per_window: dict) -> dict:
     return out
 
 
-def _window_nll(model, windows: torch.Tensor) -> torch.Tensor:
-    """(n,) float64: each window's mean next-token loss (transformers' own cross-entropy on its logits)."""
+def _window_nll(model, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """(n,) float64: each window's mean next-token loss (transformers' own cross-entropy on its logits), `batch`
+    windows to a forward pass."""
     device = model.get_input_embeddings().weight.device
     out = []
-    for w in windows:
-        logits = model(input_ids=w[None].to(device)).logits[0, :-1].double().cpu()
-        out.append(torch.nn.functional.cross_entropy(logits, w[1:]))
+    for s in range(0, len(windows), batch):
+        w = windows[s:s + batch]
+        logits = model(input_ids=w.to(device)).logits[:, :-1]
+        out += [torch.nn.functional.cross_entropy(x.double().cpu(), y[1:]) for x, y in zip(logits, w)]
     return torch.stack(out)
 
 

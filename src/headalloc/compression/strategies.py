@@ -284,15 +284,45 @@ def attention_output_grads(model, cal: Calibration, progress: bool = False) -> l
     return grads
 
 
+ROWS_PER_PASS = 8192  # calibration windows are measured several at a time, up to about this many tokens
+
+
+def window_batches(cal: Calibration, l: int, idx) -> list[list[int]]:
+    """The listed calibration windows in groups passed through one layer together: every window of a group has
+    the same length and the same rotary position embeddings (windows start at position 0), up to about
+    `ROWS_PER_PASS` tokens a group. A group's products are larger matrices than one window's, which is most of
+    the planning time on a CPU."""
+    groups: list[list[int]] = []
+    for i in idx:
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * cal.inputs[l][i].shape[-2] <= ROWS_PER_PASS and \
+                cal.inputs[l][i].shape == cal.inputs[l][g[0]].shape and _same_positions(cal, g[0], i):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _same_positions(cal: Calibration, i: int, j: int) -> bool:
+    a, b = cal.positions[i], cal.positions[j]
+    return all(x is y or (x.shape == y.shape and torch.equal(x, y)) for x, y in zip(a, b))
+
+
 @torch.no_grad()
 def teacher_outputs(model, l: int, cal: Calibration) -> list[torch.Tensor]:
-    """The teacher attention's outputs on the calibration inputs of layer l (cached for one layer)."""
+    """The teacher attention's outputs on the calibration inputs of layer l, one (1, T, hidden) per window (cached
+    for one layer)."""
     cache = cal.cache.setdefault("teacher_out", {})
     if l not in cache:
         cache.clear()  # one layer at a time: the measurements walk the layers in order
         attn = adapter_for(model).attention(model, l)
-        cache[l] = [attn(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
-                    for X, pe in zip(cal.inputs[l], cal.positions)]
+        out: list = [None] * len(cal.inputs[l])
+        for grp in window_batches(cal, l, range(len(cal.inputs[l]))):
+            y = attn(hidden_states=torch.cat([cal.inputs[l][i] for i in grp]),
+                     position_embeddings=cal.positions[grp[0]], attention_mask=None)[0]
+            for i, yi in zip(grp, y.split(1)):
+                out[i] = yi
+        cache[l] = out
     return cache[l]
 
 
@@ -301,19 +331,22 @@ def layer_error(model, l: int, cal: Calibration, spec, weights, windows: list[in
     """Estimated loss increase from replacing layer l's attention: the Fisher-weighted output error
     mean_t (g_t . dy_t)^2, with g the LM-loss gradient at the attention output (second-order term of
     the loss change; layers are treated as independent). Without gradients: |dy|^2 relative to the
-    residual stream entering the layer. Mean over the calibration windows, or over the listed `windows`."""
+    residual stream entering the layer. Mean over the calibration windows, or over the listed `windows`
+    (measured several windows to a pass, `window_batches`)."""
     X0 = cal.inputs[l][0]
     student = attention_module(model.config, spec, weights, l, device=X0.device, dtype=X0.dtype)
     err = 0.0
     ref = teacher_outputs(model, l, cal)
     idx = range(len(cal.inputs[l])) if windows is None else windows
-    for i in idx:
-        X, pe = cal.inputs[l][i], cal.positions[i]
-        dy = ref[i] - student(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
+    for grp in window_batches(cal, l, idx):
+        X = torch.cat([cal.inputs[l][i] for i in grp])
+        dy = torch.cat([ref[i] for i in grp]) - \
+            student(hidden_states=X, position_embeddings=cal.positions[grp[0]], attention_mask=None)[0]
         if cal.grads is not None:
-            err += float((cal.grads[l][i] * dy).double().sum(-1).square().sum())
+            G = torch.cat([cal.grads[l][i] for i in grp])
+            err += float((G * dy).double().sum(-1).square().sum())
         else:
-            err += float(dy.double().square().sum(-1).mean()) / cal.resid_sq[l]
+            err += float(dy.double().square().sum(-1).mean(-1).sum()) / cal.resid_sq[l]
     return err / len(idx)
 
 
