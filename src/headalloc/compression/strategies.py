@@ -309,21 +309,34 @@ def _same_positions(cal: Calibration, i: int, j: int) -> bool:
 
 
 @torch.no_grad()
+def _layer_passes(model, l: int, cal: Calibration, idx) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(windows, their inputs stacked, the teacher attention's outputs on them) for each pass of `window_batches` over
+    the listed windows of layer l: stacked once per layer and window list, then shared by every candidate measured
+    there (cached for one layer: the measurements walk the layers in order)."""
+    cache = cal.cache.setdefault("teacher_out", {})
+    if l not in cache:
+        cache.clear()
+        cache[l] = {}
+    key = tuple(idx)
+    if key not in cache[l]:
+        attn = adapter_for(model).attention(model, l)
+        passes = []
+        for grp in window_batches(cal, l, key):
+            X = torch.cat([cal.inputs[l][i] for i in grp])
+            passes.append((grp, X, attn(hidden_states=X, position_embeddings=cal.positions[grp[0]],
+                                        attention_mask=None)[0]))
+        cache[l][key] = passes
+    return cache[l][key]
+
+
 def teacher_outputs(model, l: int, cal: Calibration) -> list[torch.Tensor]:
     """The teacher attention's outputs on the calibration inputs of layer l, one (1, T, hidden) per window (cached
     for one layer)."""
-    cache = cal.cache.setdefault("teacher_out", {})
-    if l not in cache:
-        cache.clear()  # one layer at a time: the measurements walk the layers in order
-        attn = adapter_for(model).attention(model, l)
-        out: list = [None] * len(cal.inputs[l])
-        for grp in window_batches(cal, l, range(len(cal.inputs[l]))):
-            y = attn(hidden_states=torch.cat([cal.inputs[l][i] for i in grp]),
-                     position_embeddings=cal.positions[grp[0]], attention_mask=None)[0]
-            for i, yi in zip(grp, y.split(1)):
-                out[i] = yi
-        cache[l] = out
-    return cache[l]
+    out: list = [None] * len(cal.inputs[l])
+    for grp, _, y in _layer_passes(model, l, cal, range(len(cal.inputs[l]))):
+        for i, yi in zip(grp, y.split(1)):
+            out[i] = yi
+    return out
 
 
 @torch.no_grad()
@@ -336,14 +349,11 @@ def layer_error(model, l: int, cal: Calibration, spec, weights, windows: list[in
     X0 = cal.inputs[l][0]
     student = attention_module(model.config, spec, weights, l, device=X0.device, dtype=X0.dtype)
     err = 0.0
-    ref = teacher_outputs(model, l, cal)
     idx = range(len(cal.inputs[l])) if windows is None else windows
-    for grp in window_batches(cal, l, idx):
-        X = torch.cat([cal.inputs[l][i] for i in grp])
-        dy = torch.cat([ref[i] for i in grp]) - \
-            student(hidden_states=X, position_embeddings=cal.positions[grp[0]], attention_mask=None)[0]
+    for grp, X, ref in _layer_passes(model, l, cal, idx):
+        dy = ref - student(hidden_states=X, position_embeddings=cal.positions[grp[0]], attention_mask=None)[0]
         if cal.grads is not None:
-            G = torch.cat([cal.grads[l][i] for i in grp])
+            G = cal.grads[l][grp[0]] if len(grp) == 1 else torch.cat([cal.grads[l][i] for i in grp])
             err += float((G * dy).double().sum(-1).square().sum())
         else:
             err += float(dy.double().square().sum(-1).mean(-1).sum()) / cal.resid_sq[l]
