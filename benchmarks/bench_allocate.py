@@ -39,15 +39,18 @@ def timeit(fn, repeat=3):
 
 
 if __name__ == "__main__":
-    rho = [1.0 / (i + 1) for i in range(16)]
-    t, res = timeit(lambda: allocate(4096, 64, rho, top_k=5))
-    print(f"allocate(D=4096, d=64, 16 lags, top_k=5): {t:.3f} s (target < 1 s) -> "
-          f"M={res.best.n_groups}, {res.best.n_heads} heads, bound {res.best.bound.total:.4f}")
-    t1, res1 = timeit(lambda: allocate(4096, 64, rho, top_k=1))
-    print(f"allocate(D=4096, d=64, 16 lags, top_k=1): {t1:.3f} s")
-    small = (30, 6, [1.0, 0.7, 0.4])
-    tb, bf = timeit(lambda: brute_force(*small), repeat=1)
-    td, dp = timeit(lambda: allocate(*small, top_k=1))
-    assert abs(bf[0] - dp.best.bound.total) < 1e-12
-    print(f"small instance D=30, d=6, 3 lags: brute force {tb:.3f} s, DP {td:.4f} s, "
-          f"speed-up {tb / td:.0f}x (same optimum {dp.best.bound.total:.4f})")
+    from headalloc.reports.ledger import recorded
+
+    with recorded("benchmark", "bench_allocate"):
+        rho = [1.0 / (i + 1) for i in range(16)]
+        t, res = timeit(lambda: allocate(4096, 64, rho, top_k=5))
+        print(f"allocate(D=4096, d=64, 16 lags, top_k=5): {t:.3f} s (target < 1 s) -> "
+              f"M={res.best.n_groups}, {res.best.n_heads} heads, bound {res.best.bound.total:.4f}")
+        t1, res1 = timeit(lambda: allocate(4096, 64, rho, top_k=1))
+        print(f"allocate(D=4096, d=64, 16 lags, top_k=1): {t1:.3f} s")
+        small = (30, 6, [1.0, 0.7, 0.4])
+        tb, bf = timeit(lambda: brute_force(*small), repeat=1)
+        td, dp = timeit(lambda: allocate(*small, top_k=1))
+        assert abs(bf[0] - dp.best.bound.total) < 1e-12
+        print(f"small instance D=30, d=6, 3 lags: brute force {tb:.3f} s, DP {td:.4f} s, "
+              f"speed-up {tb / td:.0f}x (same optimum {dp.best.bound.total:.4f})")

@@ -94,4 +94,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("benchmark", "bench_autocast"):
+        main()

@@ -15,13 +15,13 @@ import argparse
 import time
 
 from headalloc.assets import load_model, token_windows
-from dataclasses import replace
-
-from headalloc.compression.pipeline import calibration, compress, eval_windows, heldout_ratios, teacher_metrics
+from headalloc.compression.pipeline import compress, eval_windows, prepare, teacher_perplexity
+from headalloc.compression.planning import STRATEGIES
 from headalloc.compression.precision import model_device, resolve_autocast
 from headalloc.compression.settings import add_config_args, config_from_args, preset
-from headalloc.compression.strategies import STRATEGIES
+from headalloc.compression.workspace import PerplexityKey
 from headalloc.evaluation.lm import compare, counts
+from headalloc.reports.ledger import append
 
 
 def main():
@@ -48,44 +48,46 @@ def main():
     # the perplexity before fitting is part of every row here (`headalloc compress` measures it with --eval-before)
     cfg = config_from_args(a, base=preset("default" if a.full else "quick", eval_before=True)).validate()
     if a.speed_only:
-        cfg = replace(cfg, distill_steps=0, kd_steps=0)
-    teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
-    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, model_device(teacher)))  # (as used: printed below)
-    data = calibration(teacher, tok, cfg)
+        cfg = cfg.replace(distill_steps=0, kd_steps=0)
+    teacher, tok = load_model(cfg.model, dtype=cfg.runtime.dtype)
+    cfg = cfg.replace(autocast=resolve_autocast(cfg.runtime.autocast, model_device(teacher)))  # (as used: printed below)
+    data = prepare(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
-    t_ppl = teacher_metrics(teacher, ev, data, cfg)["ppl"]  # measured once; every strategy reuses it
-    print(f"fitting text: {cfg.fit_text} ('{cfg.corpus}' train split); original perplexity {t_ppl:.2f} "
-          f"({cfg.eval_windows} validation windows of {cfg.eval_length} tokens); "
-          f"distillation, identical for every strategy: {cfg.distill_steps} Adam steps per layer ({cfg.distill_inputs}'s "
+    key = PerplexityKey(cfg.fit.corpus, "validation", cfg.eval.windows, cfg.eval.length, cfg.measure_seed)
+    t_ppl = teacher_perplexity(teacher, ev, data, key)["ppl"]  # measured once; every strategy reuses it
+    print(f"fitting text: {cfg.fit.text} ('{cfg.fit.corpus}' train split); original perplexity {t_ppl:.2f} "
+          f"({cfg.eval.windows} validation windows of {cfg.eval.length} tokens); "
+          f"distillation, identical for every strategy: {cfg.layerwise.steps} Adam steps per layer ({cfg.layerwise.inputs}'s "
           f"inputs) on "
-          f"{cfg.calib_windows} calibration windows of {cfg.calib_length}, then {cfg.kd_steps} end-to-end steps "
-          f"(batch {cfg.kd_batch}, lr {cfg.kd_lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd_topk else f'top-{cfg.kd_topk} teacher targets'}{' + tail bucket' if cfg.kd_tail and cfg.kd_topk else ''}{f' + {cfg.kd_hidden} x hidden states' if cfg.kd_hidden else ''}{f' + {cfg.kd_label} x hard labels' if cfg.kd_label else ''}{f', weights averaged (EMA {cfg.kd_ema})' if cfg.kd_ema else ''}, windows {'once per pass' if cfg.kd_sampling == 'epochs' else 'drawn with replacement'}, training {cfg.kd_train}{f'; the teacher passes over its windows and this stage under {cfg.autocast} autocast' if cfg.autocast != 'none' else ''}) on {cfg.kd_windows} training "
-          f"windows of {cfg.kd_length}")
-    budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.budget]
+          f"{cfg.calib.windows} calibration windows of {cfg.calib.length}, then {cfg.kd.steps} end-to-end steps "
+          f"(batch {cfg.kd.batch}, lr {cfg.kd.lr}, {'full-vocabulary teacher distribution (teacher at every step)' if not cfg.kd.topk else f'top-{cfg.kd.topk} teacher targets'}{' + tail bucket' if cfg.kd.tail and cfg.kd.topk else ''}{f' + {cfg.kd.hidden} x hidden states' if cfg.kd.hidden else ''}{f' + {cfg.kd.label} x hard labels' if cfg.kd.label else ''}{f', weights averaged (EMA {cfg.kd.ema})' if cfg.kd.ema else ''}, windows {'once per pass' if cfg.kd.sampling == 'epochs' else 'drawn with replacement'}, training {cfg.kd.train}{f'; the teacher passes over its windows and this stage under {cfg.runtime.autocast} autocast' if cfg.runtime.autocast != 'none' else ''}) on {cfg.kd.windows} training "
+          f"windows of {cfg.kd.length}")
+    budgets = [float(b) for b in a.budgets.split(",")] if a.budgets else [cfg.plan.budget]
     if a.save_dir:  # every folder the run will write, checked before any work (nothing foreign is overwritten)
         from headalloc.compression.export import check_output
+
 
         for budget in budgets:
             for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
                 try:
-                    check_output(save_path(a, replace(cfg, budget=budget), strat))
+                    check_output(save_path(a, cfg.replace(budget=budget), strat))
                 except ValueError as e:
                     raise SystemExit(f"--save-dir: {e}") from None
     for budget in budgets:
-        print(f"\n== {cfg.budget_kind} budget {budget} ==", flush=True)
-        run_budget(a, replace(cfg, budget=budget), teacher, tok, data, t_ppl)
+        print(f"\n== {cfg.plan.budget_kind} budget {budget} ==", flush=True)
+        run_budget(a, cfg.replace(budget=budget), teacher, tok, data, t_ppl)
 
 
 def interval(r) -> str:
     """A ratio's 90% paired bootstrap interval over the evaluation windows, when measured."""
-    return f" [{r['low']:.2f}, {r['high']:.2f}]" if r else ""
+    return f" [{r.low:.2f}, {r.high:.2f}]" if r else ""
 
 
 def save_path(a, cfg, strat: str):
     """Where --save-dir keeps one strategy's model at one budget (e.g. DIR/params05-measured-lowrank)."""
     from pathlib import Path
 
-    return Path(a.save_dir) / f"{cfg.budget_kind}{cfg.budget:g}-{strat}".replace(".", "")
+    return Path(a.save_dir) / f"{cfg.plan.budget_kind}{cfg.plan.budget:g}-{strat}".replace(".", "")
 
 
 def run_budget(a, cfg, teacher, tok, data, t_ppl):
@@ -93,38 +95,41 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
     for strat in (("measured",) if a.speed_only else a.strategies.split(",")):
         t0 = time.time()
         try:
-            r = compress(teacher, tokenizer=tok, config=replace(cfg, strategy=strat), calibration_data=data,
+            r = compress(teacher, tokenizer=tok, config=cfg.replace(strategy=strat), calibration_data=data,
                          progress=False, keep_stages=True)
         except ValueError as e:  # e.g. a budget below a strategy's smallest option
             print(f"  {strat:15s} not run: {e}", flush=True)
             continue
-        m = r.metrics
-        p = m["after_distill"]["ppl"]
-        mid = (f"before fitting {m['before_distill']['ppl']:.2f}; " if "before_distill" in m else "") + \
-            (f"after layer-local only {m['after_layerwise']['ppl']:7.2f}; " if "after_layerwise" in m else "")
-        held = "".join(f"; held-out '{k}' {h['teacher']['ppl']:.2f} -> "
-                       + (f"{h['before']['ppl']:.2f} -> " if "before" in h else "")
-                       + (f"{h['after_layerwise']['ppl']:.2f} -> " if "after_layerwise" in h else "") + f"{h['after']['ppl']:.2f} "
-                       f"({h['after']['ppl'] / h['teacher']['ppl']:.2f}x{interval(h.get('ratio'))}, {h['windows']} windows of {h['length']})"
-                       for k, h in (m.get("heldout") or {}).items())
+        rep, v = r.report, r.report.validation
+        p = v.after.ppl
+
+        def stages(t) -> str:  # original -> before fitting -> after the layer-local stage -> final
+            return " -> ".join(f"{x.ppl:.2f}" for x in (t.teacher, t.before, t.after_layerwise, t.after) if x)
+
+        held = "".join(f"; held-out '{k}' {stages(h)} ({h.ratio:.2f}x{interval(h.interval)}, {h.windows} windows of "
+                       f"{h.length})" for k, h in rep.heldout.items())
         models[strat] = r.model
         if a.save_dir:
             print(f"  {'':15s} saved to {r.save(save_path(a, cfg, strat))}", flush=True)
-        kvr = m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"]
-        rows.append((strat, p / t_ppl, heldout_ratios(m), kvr, m["after_distill"]["kv_bytes_per_token"]))
-        print(f"  {strat:15s} {mid}ppl {p:7.2f}  ({p / t_ppl:.2f}x original{interval(m.get('ratio'))}){held}; KV {kvr:.3f}x   "
-              f"[{time.time() - t0:.0f} s: plan {m['seconds_plan']:.0f}, layer-local {m.get('seconds_layerwise', 0):.0f}, "
-              f"end-to-end {m['seconds_distill'] - m.get('seconds_layerwise', 0):.0f}, rest evaluation]", flush=True)
+        kvr = rep.costs.kv_bytes_per_token / rep.teacher_costs.kv_bytes_per_token
+        rows.append((strat, p / t_ppl, {k: h.ratio for k, h in rep.heldout.items()}, kvr, rep.costs.kv_bytes_per_token))
+        t = rep.timings
+        print(f"  {strat:15s} Wikipedia {stages(v)} ({p / t_ppl:.2f}x original{interval(v.interval)}){held}; "
+              f"KV {kvr:.3f}x   [{time.time() - t0:.0f} s: plan {t.plan:.0f}, layer-local {t.layerwise or 0:.0f}, "
+              f"end-to-end {t.distill - (t.layerwise or 0):.0f}, rest evaluation]", flush=True)
         if "exponent" in r.plan.info:  # our knapsacks: the candidate plan that lost least on the calibration text
             losses = ", ".join(f"{k}: {v:.4f}" for k, v in r.plan.info["calibration_loss_by_candidate"].items())
             print(f"  {'':15s} kept p={r.plan.info['exponent']}, layers without attention "
                   f"{r.plan.info['empty_layers'] or 'none'} (calibration loss before fitting: {losses})", flush=True)
     kinds = cfg.heldout_kinds
     print(f"\n{'strategy':15s} {'Wikipedia':>10s} " + " ".join(f"{k[:12]:>12s}" for k in kinds) +
-          f" {'KV':>7s} {'KV bytes/token':>15s}  ({cfg.budget_kind} budget {cfg.budget}; ratios to the original)")
+          f" {'KV':>7s} {'KV bytes/token':>15s}  ({cfg.plan.budget_kind} budget {cfg.plan.budget}; ratios to the original)")
     for strat, w, h, kvr, kvb in rows:
         print(f"{strat:15s} {w:9.2f}x " + " ".join(f"{h.get(k, float('nan')):11.2f}x" for k in kinds) +
               f" {kvr:6.3f}x {kvb:15,d}")
+    append("benchmark", "bench_compress", settings=cfg.to_dict(),
+           metrics={"budget_kind": cfg.plan.budget_kind, "budget": cfg.plan.budget, "original_ppl": t_ppl,
+                    "by_strategy": {s: {"wikipedia": w, **h, "kv": kvr} for s, w, h, kvr, _ in rows}})
     if a.no_speed:
         return
     speed_of = list(models) if a.speed_of == "all" else [s for s in a.speed_of.split(",") if s in models]

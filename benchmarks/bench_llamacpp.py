@@ -19,16 +19,18 @@ Needs `./scripts/setup.sh --llamacpp`.
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from headalloc.assets import load_model, resolve_model, token_windows
-from headalloc.compression.llamacpp import engine_measure, engine_logits, export_gguf, require_engine
-from headalloc.compression.pipeline import calibration, compress, eval_windows, teacher_metrics
+from headalloc.compression.engine import engine_logits, engine_measure, require_engine
+from headalloc.compression.export.gguf import export_gguf
+from headalloc.compression.pipeline import compress, eval_windows, prepare, teacher_perplexity
 from headalloc.compression.settings import add_config_args, config_from_args, preset
+from headalloc.compression.workspace import PerplexityKey
 from headalloc.io import atomic_write_json
+from headalloc.reports.ledger import append
 
 
 def main():
@@ -44,39 +46,39 @@ def main():
     add_config_args(ap, exclude=("target", "budget_kind"))
     a = ap.parse_args()
     require_engine()
-    cfg = config_from_args(a, base=replace(preset("default" if a.full else "quick"), budget_kind="kv",
+    cfg = config_from_args(a, base=preset("default" if a.full else "quick").replace(budget_kind="kv",
                                            strategy="measured")).validate()
     contexts = [int(c) for c in a.contexts.split(",")]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    teacher, tok = load_model(cfg.model, dtype=cfg.dtype)
-    data = calibration(teacher, tok, cfg)
+    teacher, tok = load_model(cfg.model, dtype=cfg.runtime.dtype)
+    data = prepare(teacher, tok, cfg)
     ev = eval_windows(tok, cfg)
-    t_ppl = teacher_metrics(teacher, ev, data, cfg)["ppl"]
-    print(f"SmolLM2 ({cfg.model}), strategy {cfg.strategy}, KV budget {cfg.budget}; "
-          f"{'default' if a.full else 'quick'} settings: {cfg.calib_windows} calibration windows, "
-          f"{cfg.distill_steps} layer-local steps, {cfg.kd_steps} end-to-end steps on {cfg.kd_windows} windows; "
-          f"seed {cfg.seed}; original perplexity {t_ppl:.2f} ({cfg.eval_windows} Wikipedia validation windows of "
-          f"{cfg.eval_length})", flush=True)
+    key = PerplexityKey(cfg.fit.corpus, "validation", cfg.eval.windows, cfg.eval.length, cfg.measure_seed)
+    t_ppl = teacher_perplexity(teacher, ev, data, key)["ppl"]
+    print(f"SmolLM2 ({cfg.model}), strategy {cfg.plan.strategy}, KV budget {cfg.plan.budget}; "
+          f"{'default' if a.full else 'quick'} settings: {cfg.calib.windows} calibration windows, "
+          f"{cfg.layerwise.steps} layer-local steps, {cfg.kd.steps} end-to-end steps on {cfg.kd.windows} windows; "
+          f"seed {cfg.runtime.seed}; original perplexity {t_ppl:.2f} ({cfg.eval.windows} Wikipedia validation windows of "
+          f"{cfg.eval.length})", flush=True)
     res = {"settings": cfg.to_dict(), "contexts": contexts, "outtype": a.outtype, "runs": {}}
     results = {}
     for target in (("llamacpp",) if a.skip_unconstrained else ("any", "llamacpp")):
         t0 = time.time()
-        r = compress(teacher, tokenizer=tok, config=replace(cfg, target=target), calibration_data=data,
+        r = compress(teacher, tokenizer=tok, config=cfg.replace(target=target), calibration_data=data,
                      progress=False)
-        m = r.metrics
-        h = next(iter((m.get("heldout") or {}).values()), None)  # the first held-out text
-        row = {"ppl": m["after_distill"]["ppl"], "ratio": m["after_distill"]["ppl"] / t_ppl,
-               "kv_bytes_per_token": m["after_distill"]["kv_bytes_per_token"],
-               "kv_ratio": m["after_distill"]["kv_bytes_per_token"] / m["teacher"]["kv_bytes_per_token"],
-               "heldout_ppl": h["after"]["ppl"] if h else None,
-               "heldout_ratio": h["after"]["ppl"] / h["teacher"]["ppl"] if h else None,
+        rep = r.report
+        h = next(iter(rep.heldout.values()), None)  # the first held-out text
+        row = {"ppl": rep.validation.after.ppl, "ratio": rep.validation.after.ppl / t_ppl,
+               "kv_bytes_per_token": rep.costs.kv_bytes_per_token,
+               "kv_ratio": rep.costs.kv_bytes_per_token / rep.teacher_costs.kv_bytes_per_token,
+               "heldout_ppl": h.after.ppl if h else None, "heldout_ratio": h.ratio if h else None,
                "plan": [(len(lp.keep_kv) if lp.keep_kv is not None else None, lp.qk_dim, lp.v_dim) for lp in r.plan],
                "seconds": time.time() - t0}
         results[target] = (r, row)
         res["runs"][target] = row
-        print(f"target {target:8s}: Wikipedia {row['ppl']:.2f} ({row['ratio']:.2f}x), held-out '{h['corpus']}' "
-              f"{row['heldout_ppl']:.2f} ({row['heldout_ratio']:.2f}x, original {h['teacher']['ppl']:.2f}); "
+        print(f"target {target:8s}: Wikipedia {row['ppl']:.2f} ({row['ratio']:.2f}x), held-out '{h.name}' "
+              f"{row['heldout_ppl']:.2f} ({row['heldout_ratio']:.2f}x, original {h.teacher.ppl:.2f}); "
               f"KV {row['kv_ratio']:.3f}x in PyTorch; {row['seconds'] / 60:.1f} min", flush=True)
     r, _ = results["llamacpp"]
     print("llama.cpp plan (kv heads x query heads per kv head per layer): "
@@ -98,7 +100,7 @@ def main():
     print(f"compressed GGUF in llama.cpp vs PyTorch on {len(ids)} tokens: max |dlogit| "
           f"{res['logits']['max_abs_diff']:.2e} (scale {res['logits']['scale']:.1f}), greedy agreement "
           f"{res['logits']['argmax_agree']:.0%}", flush=True)
-    text = token_windows(tok, cfg.corpus, "validation", max(contexts) + a.new_tokens, 1, seed=cfg.seed)[0].tolist()
+    text = token_windows(tok, cfg.fit.corpus, "validation", max(contexts) + a.new_tokens, 1, seed=cfg.runtime.seed)[0].tolist()
     best = {}
     for rep in range(a.repeats):
         for name, f in files.items():  # alternately, so both see the same machine load
@@ -133,11 +135,13 @@ def main():
           f"{best[('original', False)]['kv_cache_mib']:.1f}); padding reported: {nf['v_cache_padded']}")
     if "any" in results:
         u, l_ = res["runs"]["any"], res["runs"]["llamacpp"]
-        print(f"\ncost of the llama.cpp constraint at KV budget {cfg.budget}: Wikipedia {u['ppl']:.2f} -> "
+        print(f"\ncost of the llama.cpp constraint at KV budget {cfg.plan.budget}: Wikipedia {u['ppl']:.2f} -> "
               f"{l_['ppl']:.2f} ({l_['ppl'] / u['ppl']:.3f}x), held-out {u['heldout_ppl']:.2f} -> "
               f"{l_['heldout_ppl']:.2f} ({l_['heldout_ppl'] / u['heldout_ppl']:.3f}x)")
     atomic_write_json(work / "results.json", res)
     print(f"results: {work / 'results.json'}")
+    append("benchmark", "bench_llamacpp", settings={**cfg.to_dict(), "outtype": a.outtype},
+           metrics={"runs": res["runs"], "logits": res["logits"], "engine": res["engine"]})
 
 
 if __name__ == "__main__":

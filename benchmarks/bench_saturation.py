@@ -47,10 +47,13 @@ def bench_model(windows: int) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--skip-model", action="store_true")
-    a = ap.parse_args()
-    bench_solver()
-    if not a.skip_model:
-        bench_model(a.windows)
+    from headalloc.reports.ledger import recorded
+
+    with recorded("benchmark", "bench_saturation"):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--windows", type=int, default=2)
+        ap.add_argument("--skip-model", action="store_true")
+        a = ap.parse_args()
+        bench_solver()
+        if not a.skip_model:
+            bench_model(a.windows)

@@ -19,12 +19,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
     cfg = config_from_args(ap.parse_args()).validate()
-    teacher, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    teacher, tok = load_model(cfg.model, dtype=cfg.runtime.dtype, device=cfg.runtime.device)
     t = time.time()
-    fit_windows(teacher, tok, cfg, cfg.calib_windows, cfg.calib_length, cfg.seed)
-    fit_windows(teacher, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2)
+    fit_windows(teacher, tok, cfg, cfg.calib.windows, cfg.calib.length, cfg.runtime.seed)
+    fit_windows(teacher, tok, cfg, cfg.kd.windows, cfg.kd.length, cfg.runtime.seed + 2)
     t1 = time.time()
-    print(f"fitting text ({cfg.fit_text}, gen_batch {cfg.gen_batch}): {t1 - t:.1f} s", flush=True)
+    print(f"fitting text ({cfg.fit.text}, gen_batch {cfg.fit.gen_batch}): {t1 - t:.1f} s", flush=True)
     cached_perplexity(teacher, eval_windows(tok, cfg), desc="original ppl")
     for k, w in heldout_windows(tok, cfg).items():
         cached_perplexity(teacher, w, desc=k)
@@ -32,4 +32,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("benchmark", "warm_caches"):
+        main()

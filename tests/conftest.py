@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+os.environ["HEADALLOC_LEDGER"] = "off"  # test runs append no rows to the repository's results ledger
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 with the output folder's safety rules and the settings' one source of truth."""
 
 import json
-from dataclasses import fields
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from safetensors import safe_open
 
 import headalloc
 from headalloc.cli import build_parser, main
-from headalloc.compression.settings import BY_BUDGET_KIND, PRESETS, CompressConfig, config_from_args
+from headalloc.compression.settings import BY_BUDGET_KIND, FLAGS, CompressConfig, config_from_args, preset
 
 TINY = dict(corpus="pydoc", calib_windows=2, calib_length=32, distill_steps=2, kd_steps=2, kd_windows=2, kd_length=32,
             eval_windows=2, eval_length=32, step=4, heldout="none")
@@ -24,10 +23,10 @@ def bf16_folder(tmp_path_factory):
 
 def test_bfloat16_end_to_end_compress_save_load(bf16_folder, tmp_path):
     r = headalloc.compress(str(bf16_folder), budget=0.5, strategy="measured", progress=False, **TINY)
-    assert r.config.fit_dtype == "float32" and r.metrics["teacher_dtype"] == "bfloat16"
+    assert r.config.runtime.fit_dtype == "float32" and r.report.teacher_dtype == "bfloat16"
     assert next(r.model.parameters()).dtype == torch.bfloat16  # the original's dtype, after fitting in float32
     assert r.model.config.text_config.model_type == "qwen2"
-    assert r.metrics["after_distill"]["ppl"] > 1 and r.metrics["teacher"]["ppl"] > 1
+    assert r.report.validation.after.ppl > 1 and r.report.validation.teacher.ppl > 1
     out = r.save(tmp_path / "out")
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
@@ -79,18 +78,19 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help():
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
     by_dest = {a.dest: a for a in sub._actions}
-    for f in fields(CompressConfig):
-        assert f.name in by_dest, f.name
-        if f.default is None and f.name in BY_BUDGET_KIND["params"]:  # each budget kind's default, named
-            help_ = " ".join(by_dest[f.name].help.split())
-            assert all(f"{k} {v[f.name]!r}" in help_ for k, v in BY_BUDGET_KIND.items()), (f.name, help_)
+    default = CompressConfig()
+    for name in FLAGS:
+        assert name in by_dest, name
+        if default.get(name) is None and name in BY_BUDGET_KIND["params"]:  # each budget kind's default, named
+            help_ = " ".join(by_dest[name].help.split())
+            assert all(f"{k} {v[name]!r}" in help_ for k, v in BY_BUDGET_KIND.items()), (name, help_)
         else:
-            assert f"default: {f.default}" in by_dest[f.name].help, f.name
+            assert f"default: {default.get(name)}" in by_dest[name].help, name
     args = ap.parse_args(["compress", "--kd-steps", "7", "--no-kd-tail", "--quick", "--save-dtype", "bfloat16"])
     cfg = config_from_args(args)
-    assert (cfg.kd_steps, cfg.kd_tail, cfg.save_dtype) == (7, False, "bfloat16")
-    assert cfg.calib_windows == PRESETS["quick"].calib_windows  # the preset under the flags
-    assert config_from_args(ap.parse_args(["compress"])) == PRESETS["default"]
+    assert (cfg.kd.steps, cfg.kd.tail, cfg.runtime.save_dtype) == (7, False, "bfloat16")
+    assert cfg.calib.windows == preset("quick").calib.windows  # the preset under the flags
+    assert config_from_args(ap.parse_args(["compress"])) == preset("default")
 
 
 @pytest.mark.parametrize("flag,value,message", [("--budget", "2", "budget must be a fraction"),
@@ -112,7 +112,7 @@ def test_a_setting_outside_its_choices_names_them(capsys, tmp_path):
     assert e.value.code == 2
     assert "invalid choice: 'shuffle' (choose from 'epochs', 'replacement')" in capsys.readouterr().err
     with pytest.raises(ValueError, match="kd_sampling must be one of epochs, replacement; got 'shuffle'"):
-        CompressConfig(kd_sampling="shuffle").validate()
+        CompressConfig().replace(kd_sampling="shuffle").validate()
     assert not (tmp_path / "o").exists()
 
 
@@ -123,11 +123,11 @@ def test_eval_seed_fixes_the_measured_windows_whatever_the_fitting_seed(tmp_path
 
     tok = AutoTokenizer.from_pretrained(tiny_folder("llama", tmp_path / "llama"))
     base = dict(corpus="pydoc", eval_windows=3, eval_length=64, heldout="alice", heldout_windows=3)
-    a, b, own = (CompressConfig(**base, seed=s, eval_seed=e) for s, e in ((0, 5), (1, 5), (1, None)))
+    a, b, own = (CompressConfig().replace(**base, seed=s, eval_seed=e) for s, e in ((0, 5), (1, 5), (1, None)))
     assert torch.equal(eval_windows(tok, a), eval_windows(tok, b))
     assert torch.equal(heldout_windows(tok, a)["alice"], heldout_windows(tok, b)["alice"])
     # without --eval-seed the windows follow --seed, so another fitting seed is measured elsewhere
-    assert torch.equal(eval_windows(tok, own), eval_windows(tok, CompressConfig(**base, seed=1, eval_seed=1)))
+    assert torch.equal(eval_windows(tok, own), eval_windows(tok, CompressConfig().replace(**base, seed=1, eval_seed=1)))
     assert not torch.equal(eval_windows(tok, own), eval_windows(tok, a))
 
 
@@ -145,10 +145,10 @@ def test_a_saved_model_measured_again_on_held_out_text_gives_the_jobs_figure(tmp
     base = ["evaluate", "--model", str(out), "--corpus", "alice", "--split", "all", "--length", "32"]
     assert main(base + ["--windows", "2", "--seed", "6", "--out", str(tmp_path / "two.json")]) == 0
     two = json.loads((tmp_path / "two.json").read_text())
-    assert two["perplexity"]["ppl"] == pytest.approx(r.metrics["heldout"]["alice"]["after"]["ppl"], rel=1e-5)
-    h = r.metrics["heldout"]["alice"]  # the job's ratio, with its interval over the two windows
-    assert h["ratio"]["ratio"] == pytest.approx(h["after"]["ppl"] / h["teacher"]["ppl"], rel=1e-9)
-    assert h["ratio"]["low"] <= h["ratio"]["ratio"] <= h["ratio"]["high"] and h["ratio"]["windows"] == 2
+    assert two["perplexity"]["ppl"] == pytest.approx(r.report.heldout["alice"].after.ppl, rel=1e-5)
+    h = r.report.heldout["alice"]  # the job's ratio, with its interval over the two windows
+    assert h.interval.ratio == pytest.approx(h.after.ppl / h.teacher.ppl, rel=1e-9)
+    assert h.interval.low <= h.interval.ratio <= h.interval.high and h.interval.windows == 2
     assert main(base + ["--windows", "0", "--out", str(tmp_path / "all.json")]) == 0
     every = len(token_windows(AutoTokenizer.from_pretrained(folder), "alice", "all", 32))
     assert json.loads((tmp_path / "all.json").read_text())["eval"]["windows"] == every > 2
@@ -199,9 +199,9 @@ def test_calibration_text_from_a_jsonl_file(tmp_path):
     zen.write_text(codecs.decode(this.s, "rot13"))
     r = headalloc.compress(str(folder), budget=0.5, strategy="depth", progress=False,
                            **{**TINY, "corpus": str(p), "heldout": str(zen), "heldout_windows": 2, "eval_before": True})
-    assert r.metrics["evaluation"]["corpus"] == str(p)
-    h = r.metrics["heldout"][str(zen)]  # evaluated on the held-out text: original, before and after fitting
-    assert h["corpus"] == str(zen) and all(h[k]["tokens"] == 2 * 31 for k in ("teacher", "before", "after"))
+    assert r.record()["evaluation"]["corpus"] == r.report.validation.name == str(p)
+    h = r.report.heldout[str(zen)]  # evaluated on the held-out text: original, before and after fitting
+    assert h.name == str(zen) and all(getattr(h, k).tokens == 2 * 31 for k in ("teacher", "before", "after"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "no text field"}\n')
     with pytest.raises(ValueError, match="no string field 'text'"):
@@ -242,7 +242,7 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
     assert len({tuple(r.tolist()) for r in free}) == 3
     r = headalloc.compress(str(folder), budget=0.5, strategy="uniform", progress=False,
                            **{**TINY, "fit_text": "mixed"})
-    assert r.metrics["end_to_end"]["windows"] == TINY["kd_windows"]
+    assert r.report.end_to_end["windows"] == TINY["kd_windows"]
 
 
 def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
@@ -263,27 +263,27 @@ def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
     books = tmp_path / "books.txt"
     books.write_text("\n\n".join(f"zebra {i} crossing the river at night" * 30 for i in range(40)))
     cfg = preset("default", **{**TINY, "gen_prompt": 0, "gen_batch": 4})
-    mixed = fit_windows(model, tok, replace(cfg, fit_text="mixed").validate(), 7, 16, 0, False)
-    assert torch.equal(mixed, fit_windows(model, tok, replace(cfg, fit_text="corpus+generated").validate(), 7, 16, 0,
+    mixed = fit_windows(model, tok, cfg.replace(fit_text="mixed").validate(), 7, 16, 0, False)
+    assert torch.equal(mixed, fit_windows(model, tok, cfg.replace(fit_text="corpus+generated").validate(), 7, 16, 0,
                                           False))
-    three = fit_windows(model, tok, replace(cfg, fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0, False)
+    three = fit_windows(model, tok, cfg.replace(fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0, False)
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = tokenize_split(tok, load_corpus(str(books)), "train").tolist()
     from_books = [r for r in three.tolist() if any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16))]
     assert len(from_books) == 3 and int((three[:, 0] == start).sum()) >= 3  # three shares of three windows
     # the labels name where each window came from: the book windows are exactly the ones labelled with the book
-    same, labels = fit_windows(model, tok, replace(cfg, fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0,
+    same, labels = fit_windows(model, tok, cfg.replace(fit_text=f"corpus+generated+{books}").validate(), 9, 16, 0,
                                False, parts=True)
     assert torch.equal(same, three) and sorted(set(labels)) == sorted(["corpus", "generated", str(books)])
     assert [r in from_books for r in three.tolist()] == [lab == str(books) for lab in labels]
     assert all(int(r[0]) == start for r, lab in zip(three, labels) if lab == "generated")
-    weighted = fit_windows(model, tok, replace(cfg, fit_text=f"corpus:2+generated+{books}").validate(), 8, 16, 0, False)
+    weighted = fit_windows(model, tok, cfg.replace(fit_text=f"corpus:2+generated+{books}").validate(), 8, 16, 0, False)
     assert sum(any(ids[i:i + 16] == r for i in range(0, len(ids) - 15, 16)) for r in weighted.tolist()) == 2
     for bad in ("corpus+genrated", "corpus+corpus", "corpus:0+generated", "corpus:x"):
         with pytest.raises(ValueError, match="fit_text"):
-            replace(cfg, fit_text=bad).validate()
+            cfg.replace(fit_text=bad).validate()
     with pytest.raises(ValueError, match="nothing is fitted on"):
-        replace(cfg, fit_text=f"corpus+generated+{books}", heldout=str(books)).validate()
+        cfg.replace(fit_text=f"corpus+generated+{books}", heldout=str(books)).validate()
     # a named text that is not there (this cache has no Brotli archive) stops the run before any sampling
     gen_dir = tmp_path / "cache" / "generated"
     before = sorted(gen_dir.glob("*.npy"))
@@ -296,7 +296,7 @@ def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
 def test_budget_one_keeps_the_weights_and_says_so(tmp_path):
     folder = tiny_folder("llama", tmp_path / "llama")
     r = headalloc.compress(str(folder), budget=1.0, strategy="uniform", progress=False, **TINY)
-    assert "nothing to fit" in r.metrics["note"] and r.metrics["end_to_end"] is None
+    assert "nothing to fit" in r.report.note and r.report.end_to_end is None
     x = torch.randint(3, 96, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(r.model(x).logits, r.teacher(x).logits, atol=2e-5, rtol=1e-4)
@@ -340,27 +340,35 @@ def test_a_save_killed_midway_leaves_nothing_that_the_next_run_does_not_remove(t
 
 
 def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp_path):
-    from dataclasses import replace
-
+    """A workspace's calibration, the teacher's targets and its perplexities are measured once: a second run on it
+    passes no window through the whole original (counted by a hook) and reports the same original perplexity;
+    settings that change the fitting text are refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headalloc.compression.pipeline import calibration
+    from headalloc.compression.pipeline import prepare
     from headalloc.compression.settings import preset
 
     folder = tiny_folder("llama", tmp_path / "llama")
     model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     cfg = preset("default", budget=0.5, strategy="uniform", fit_text="corpus", **TINY)
-    cal = calibration(model, tok, cfg)
+    cal = prepare(model, tok, cfg)
     r = headalloc.compress(model, tokenizer=tok, config=cfg, calibration_data=cal, progress=False)
-    assert r.metrics["teacher"] is cal.cache[("teacher_eval", "pydoc", 2, 32, 0)]  # measured once, shared
+    passes = []
+    hook = model.model.register_forward_pre_hook(lambda *a: passes.append(1))
+    try:
+        again = headalloc.compress(model, tokenizer=tok, config=cfg.replace(budget=0.75), calibration_data=cal,
+                                   progress=False)
+    finally:
+        hook.remove()
+    assert passes == [] and again.report.validation.teacher == r.report.validation.teacher
     with pytest.raises(ValueError, match="other fitting text"):
-        headalloc.compress(model, tokenizer=tok, config=replace(cfg, fit_text="mixed"), calibration_data=cal,
+        headalloc.compress(model, tokenizer=tok, config=cfg.replace(fit_text="mixed"), calibration_data=cal,
                            progress=False)
     with pytest.raises(ValueError, match="other fitting text"):  # a shrunk second moment is another calibration
-        headalloc.compress(model, tokenizer=tok, config=replace(cfg, whiten_shrink=0.2), calibration_data=cal,
+        headalloc.compress(model, tokenizer=tok, config=cfg.replace(whiten_shrink=0.2), calibration_data=cal,
                            progress=False)
     with pytest.raises(ValueError, match="other fitting text"):  # so are moments pooled over more windows
-        headalloc.compress(model, tokenizer=tok, config=replace(cfg, moment_windows=3), calibration_data=cal,
+        headalloc.compress(model, tokenizer=tok, config=cfg.replace(moment_windows=3), calibration_data=cal,
                            progress=False)
 
 
@@ -370,15 +378,15 @@ def test_defaults_by_budget_kind_fill_only_what_was_not_given():
     from dataclasses import replace
 
     for kind in ("params", "kv"):
-        cfg = replace(PRESETS["default"], budget_kind=kind).validate()
-        assert (cfg.fit_text, cfg.whiten_shrink) == (BY_BUDGET_KIND[kind]["fit_text"], BY_BUDGET_KIND[kind]["whiten_shrink"])
-        assert replace(PRESETS["default"], budget_kind=kind).to_dict()["fit_text"] == cfg.fit_text
-        given = replace(PRESETS["default"], budget_kind=kind, fit_text="mixed", whiten_shrink=0.1).validate()
-        assert (given.fit_text, given.whiten_shrink) == ("mixed", 0.1)
-        quick = replace(PRESETS["quick"], budget_kind=kind).validate()
-        assert (quick.fit_text, quick.whiten_shrink) == ("mixed", 0.0)  # the main job's cells do not move
+        cfg = preset("default").replace(budget_kind=kind).validate()
+        assert (cfg.fit.text, cfg.calib.whiten_shrink) == (BY_BUDGET_KIND[kind]["fit_text"], BY_BUDGET_KIND[kind]["whiten_shrink"])
+        assert preset("default").replace(budget_kind=kind).to_dict()["fit_text"] == cfg.fit.text
+        given = preset("default").replace(budget_kind=kind, fit_text="mixed", whiten_shrink=0.1).validate()
+        assert (given.fit.text, given.calib.whiten_shrink) == ("mixed", 0.1)
+        quick = preset("quick").replace(budget_kind=kind).validate()
+        assert (quick.fit.text, quick.calib.whiten_shrink) == ("mixed", 0.0)  # the main job's cells do not move
     assert BY_BUDGET_KIND["kv"]["fit_text"] != BY_BUDGET_KIND["params"]["fit_text"]
-    assert [p for p, _ in replace(PRESETS["default"], budget_kind="kv").fit_shares] == \
+    assert [p for p, _ in preset("default").replace(budget_kind="kv").fit_shares] == \
         ["corpus", "generated", "canterbury", "stdlib"]
     with pytest.raises(ValueError, match="budget_kind"):
-        replace(PRESETS["default"], budget_kind="flops").validate()
+        preset("default").replace(budget_kind="flops").validate()

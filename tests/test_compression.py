@@ -13,6 +13,13 @@ from headalloc.compression.spec import LayerPlan
 from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
+
+def kd_args(**settings):
+    """End-to-end settings for the unit tests: renormalised top k, each step's window drawn independently."""
+    from headalloc.compression.settings import EndToEndArgs
+
+    return EndToEndArgs(**{"tail": False, "sampling": "replacement", **settings})
+
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
@@ -130,7 +137,7 @@ def test_bad_plans_are_clear_errors():
 
 
 # ---------------------------------------------------------------- single heads
-from headalloc.compression.single_head import (head_forward, reduce_head, teacher_head_bert,  # noqa: E402
+from headalloc.probe.single_head import (head_forward, reduce_head, teacher_head_bert,  # noqa: E402
                                                teacher_head_llama)
 
 
@@ -208,13 +215,13 @@ def test_end_to_end_distillation_lowers_the_loss_and_trains_only_attention():
     student = compress_model(model, [LayerPlan(4, 4)] * 3)
     frozen_before = {n: p.clone() for n, p in student.named_parameters() if ".self_attn." not in n}
     w = torch.randint(0, 120, (6, 24))
-    r = distill_end_to_end(model, student, w, steps=40, lr=1e-3, k=16, progress=False)
+    r = distill_end_to_end(model, student, w, kd_args(steps=40, lr=1e-3, topk=16), progress=False)
     assert r["loss_after"] < r["loss_before"]
     for n, p in student.named_parameters():
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), n
-    with pytest.raises(ValueError, match="steps must be"):
-        distill_end_to_end(model, student, w, steps=-1, progress=False)
+    with pytest.raises(ValueError, match="kd_steps must be"):
+        distill_end_to_end(model, student, w, kd_args(steps=-1), progress=False)
 
 
 def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head():
@@ -224,14 +231,14 @@ def test_end_to_end_distillation_of_every_layer_weight_keeps_embeddings_and_head
     student = compress_model(model, [LayerPlan(4, 4)] * 3)
     before = {n: p.clone() for n, p in student.named_parameters()}
     w = torch.randint(0, 120, (6, 24))
-    r = distill_end_to_end(model, student, w, steps=20, lr=1e-3, k=16, progress=False, train="layers")
+    r = distill_end_to_end(model, student, w, kd_args(steps=20, lr=1e-3, topk=16, train="layers"), progress=False)
     assert r["loss_after"] < r["loss_before"] and r["train"] == "layers"
     for n, p in student.named_parameters():
         changed = not torch.equal(p, before[n])
         assert changed == (".layers." in n), n  # every decoder-layer weight moves, nothing else does
         assert p.requires_grad  # trainability restored afterwards
     with pytest.raises(ValueError, match="train must be"):
-        distill_end_to_end(model, student, w, steps=1, progress=False, train="mlp")
+        distill_end_to_end(model, student, w, kd_args(steps=1, train="mlp"), progress=False)
 
 
 def test_low_rank_svd_of_a_product_matches_the_dense_svd():
@@ -363,19 +370,8 @@ def test_end_to_end_distillation_with_tail_bucket_lowers_its_loss():
     model = tiny_llama()
     student = compress_model(model, [LayerPlan(4, 4)] * 3)
     w = torch.randint(0, 120, (6, 24))
-    r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True)
+    r = distill_end_to_end(model, student, w, kd_args(steps=30, lr=1e-3, topk=8, tail=True), progress=False)
     assert r["tail"] and r["loss_after"] < r["loss_before"]
-
-
-def test_compress_cli_kd_tail_flag_defaults_on_and_can_be_turned_off():
-    from headalloc.cli import build_parser
-    from headalloc.compression.settings import CompressConfig
-
-    ap = build_parser()
-    assert ap.parse_args(["compress"]).kd_tail is None  # left to CompressConfig's default
-    assert CompressConfig().kd_tail is True
-    assert ap.parse_args(["compress", "--kd-tail"]).kd_tail is True
-    assert ap.parse_args(["compress", "--no-kd-tail"]).kd_tail is False
 
 
 def test_hidden_state_loss_is_zero_at_the_teacher_and_matches_a_direct_computation():
@@ -406,10 +402,10 @@ def test_end_to_end_distillation_with_hidden_states_lowers_both_terms():
                                            model(input_ids=w, output_hidden_states=True).hidden_states))
 
     h0 = hid()
-    r = distill_end_to_end(model, student, w, steps=30, lr=1e-3, k=8, progress=False, tail=True, hidden_weight=1.0)
+    r = distill_end_to_end(model, student, w, kd_args(steps=30, lr=1e-3, topk=8, tail=True, hidden=1.0), progress=False)
     assert r["hidden_weight"] == 1.0 and r["loss_after"] < r["loss_before"] and hid() < h0
-    with pytest.raises(ValueError, match="hidden_weight"):
-        distill_end_to_end(model, student, w, steps=1, hidden_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match="kd_hidden"):
+        distill_end_to_end(model, student, w, kd_args(steps=1, hidden=-1.0), progress=False)
 
 
 def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
@@ -423,7 +419,7 @@ def test_anchor_penalty_keeps_the_student_nearer_its_initialisation():
     def moved(anchor):
         student = compress_model(model, [LayerPlan(4, 4)] * 3)
         init = {n: p.detach().clone() for n, p in student.named_parameters() if ".self_attn." in n}
-        r = distill_end_to_end(model, student, w, steps=40, lr=3e-3, k=16, progress=False, anchor=anchor)
+        r = distill_end_to_end(model, student, w, kd_args(steps=40, lr=3e-3, topk=16, anchor=anchor), progress=False)
         assert r["anchor"] == anchor
         return sum(float((p.detach() - init[n]).square().sum() / init[n].square().sum())
                    for n, p in student.named_parameters() if n in init)
@@ -441,8 +437,8 @@ def _trained_windows(sampling, steps, batch, seed=3):
     w[:, 0] = torch.arange(6)  # six windows, each row distinct
     fed = []
     hook = student.model.embed_tokens.register_forward_hook(lambda m, a, out: fed.append(a[0].clone()))
-    r = distill_end_to_end(model, student, w, steps=steps, lr=1e-3, batch=batch, k=8, seed=seed, progress=False,
-                           report_windows=1, sampling=sampling)
+    r = distill_end_to_end(model, student, w, kd_args(steps=steps, lr=1e-3, batch=batch, topk=8, sampling=sampling),
+                           seed=seed, progress=False, report_windows=1)
     hook.remove()
     steps_fed = fed[1:-1]  # (the first and last forwards report the loss on window 0)
     assert len(steps_fed) == steps
@@ -472,9 +468,9 @@ def test_window_order_and_bad_sampling():
     assert o.shape == (600, 1) and sorted(o.flatten().tolist()) == list(range(600))
     assert window_order(5, 0, 3, g).shape == (0, 3)
     model = tiny_llama()
-    with pytest.raises(ValueError, match="sampling must be one of epochs, replacement; got 'shuffle'"):
+    with pytest.raises(ValueError, match="kd_sampling must be one of epochs, replacement; got 'shuffle'"):
         distill_end_to_end(model, compress_model(model, [LayerPlan(4, 4)] * 3), torch.zeros(2, 8, dtype=torch.long),
-                           steps=1, progress=False, sampling="shuffle")
+                           kd_args(steps=1, sampling="shuffle"), progress=False)
 
 
 def test_ema_ends_at_the_moving_average_of_the_trajectory(monkeypatch):
@@ -499,7 +495,7 @@ def test_ema_ends_at_the_moving_average_of_the_trajectory(monkeypatch):
         visited.clear()
         student = compress_model(model, [LayerPlan(4, 4)] * 3)
         start = [p.detach().double().clone() for layer in student.model.layers for p in layer.self_attn.parameters()]
-        r = distill_end_to_end(model, student, w, steps=25, lr=3e-3, k=16, progress=False, ema=ema)
+        r = distill_end_to_end(model, student, w, kd_args(steps=25, lr=3e-3, topk=16, ema=ema), progress=False)
         assert r["ema"] == ema and len(visited) == 25
         return student, start, [list(v) for v in visited]
 
@@ -514,7 +510,7 @@ def test_ema_ends_at_the_moving_average_of_the_trajectory(monkeypatch):
     assert max(float((g - r).abs().max()) for g, r in zip(got, ref)) < 1e-6
     assert max(float((g - l).abs().max()) for g, l in zip(got, last)) > 1e-3
     with pytest.raises(ValueError, match="ema must be in"):
-        distill_end_to_end(model, plain, w, steps=1, ema=1.0, progress=False)
+        distill_end_to_end(model, plain, w, kd_args(steps=1, ema=1.0), progress=False)
 
 
 def test_hard_labels_pull_the_student_toward_the_windows_own_next_tokens():
@@ -530,8 +526,8 @@ def test_hard_labels_pull_the_student_toward_the_windows_own_next_tokens():
 
     def ce_after(weight):
         student = compress_model(model, [LayerPlan(4, 4)] * 3)
-        r = distill_end_to_end(model, student, w, steps=60, lr=1e-2, k=16, progress=False, tail=True,
-                               train="layers", label_weight=weight)
+        r = distill_end_to_end(model, student, w, kd_args(steps=60, lr=1e-2, topk=16, tail=True, train="layers",
+                                                          label=weight), progress=False)
         assert r["label_weight"] == weight
         with torch.no_grad():
             logits = student(input_ids=w).logits
@@ -539,8 +535,8 @@ def test_hard_labels_pull_the_student_toward_the_windows_own_next_tokens():
 
     with_labels, without = ce_after(2.0), ce_after(0.0)
     assert with_labels < without - 0.5, (with_labels, without)  # nats per token (about 0.9 apart here)
-    with pytest.raises(ValueError, match="label_weight"):
-        distill_end_to_end(model, compress_model(model, [LayerPlan(4, 4)] * 3), w, steps=1, label_weight=-1.0,
+    with pytest.raises(ValueError, match="kd_label"):
+        distill_end_to_end(model, compress_model(model, [LayerPlan(4, 4)] * 3), w, kd_args(steps=1, label=-1.0),
                            progress=False)
 
 
@@ -581,7 +577,7 @@ def test_bfloat16_autocast_end_to_end_keeps_float32_weights_and_tracks_the_float
 
     def run(autocast):
         student = compress_model(model, [LayerPlan(4, 4)] * 3)
-        r = distill_end_to_end(model, student, w, steps=40, lr=1e-3, k=16, progress=False, autocast=autocast)
+        r = distill_end_to_end(model, student, w, kd_args(steps=40, lr=1e-3, topk=16), progress=False, autocast=autocast)
         assert all(p.dtype == torch.float32 for p in student.parameters())
         return r, student
 
@@ -590,7 +586,7 @@ def test_bfloat16_autocast_end_to_end_keeps_float32_weights_and_tracks_the_float
     assert r16["loss_before"] == pytest.approx(r32["loss_before"])  # the reports are float32 forwards
     assert abs(r16["loss_after"] - r32["loss_after"]) < 0.1 * (r32["loss_before"] - r32["loss_after"])
     with pytest.raises(ValueError, match="autocast must be"):
-        distill_end_to_end(model, s16, w, steps=1, progress=False, autocast="float8")
+        distill_end_to_end(model, s16, w, kd_args(steps=1), progress=False, autocast="float8")
 
 
 def test_full_vocabulary_distill_loss_is_kl_plus_entropy():
@@ -618,8 +614,8 @@ def test_end_to_end_full_vocabulary_matches_stored_targets_over_the_whole_vocabu
     a = compress_model(model, [LayerPlan(4, 4)] * 3)
     b = copy.deepcopy(a)
     w = torch.randint(0, 120, (6, 24))
-    ra = distill_end_to_end(model, a, w, steps=40, lr=1e-3, k=0, progress=False)
-    rb = distill_end_to_end(model, b, w, steps=40, lr=1e-3, k=120, progress=False, tail=False)
+    ra = distill_end_to_end(model, a, w, kd_args(steps=40, lr=1e-3, topk=0), progress=False)
+    rb = distill_end_to_end(model, b, w, kd_args(steps=40, lr=1e-3, topk=120), progress=False)
     assert ra["loss_after"] < ra["loss_before"]
     assert ra["loss_before"] == pytest.approx(rb["loss_before"], rel=1e-5)
     with torch.no_grad():  # the reported loss is the soft cross-entropy against the teacher, from the logits
@@ -629,5 +625,5 @@ def test_end_to_end_full_vocabulary_matches_stored_targets_over_the_whole_vocabu
     assert ra["loss_after"] == pytest.approx(float(want), rel=1e-5)
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=n)
-    with pytest.raises(ValueError, match="k >= 0"):
-        distill_end_to_end(model, a, w, steps=1, k=-1, progress=False)
+    with pytest.raises(ValueError, match="kd_topk must be >= 1, or 0"):
+        distill_end_to_end(model, a, w, kd_args(steps=1, topk=-1), progress=False)

@@ -176,7 +176,7 @@ def test_planning_window_losses_several_windows_to_a_pass_are_transformers_own_l
     each window alone, for every batch size, including a last pass that is not full."""
     import numpy as np
 
-    from headalloc.compression.latent import _window_nll
+    from headalloc.compression.planning.select import window_nll as _window_nll
 
     t, _ = models()
     w = torch.randint(0, 80, (7, 12))

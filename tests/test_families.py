@@ -75,7 +75,7 @@ def test_qwen3_query_key_width_is_kept_whole_or_refused():
     model = tiny("qwen3")
     with pytest.raises(ValueError, match="cannot be narrowed exactly"):
         compress_model(model, [LayerPlan(8, 8)] * 3)
-    from headalloc.compression.strategies import make_plan
+    from headalloc.compression.planning import make_plan
 
     cal = collect(model, ids())
     for strategy in ("uniform", "depth", "measured"):

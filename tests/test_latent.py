@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from headalloc.compression.calibration import collect
 from headalloc.compression.reduce import Geometry, compress_model, whitened_low_rank
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
-from headalloc.compression.strategies import make_plan
+from headalloc.compression.planning import STRATEGIES, Measurements, PlanOptions, PlanRequest, make_plan
 from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 
@@ -162,6 +162,7 @@ def test_reduced_training_moves_only_what_the_plan_changed():
     """kd_train='reduced': a latent layer's key/value factors move, its query and output projections (the
     teacher's, untouched by the plan) stay bit-identical; with a narrowed-heads plan every projection moves."""
     from headalloc.compression.distill import distill_end_to_end, trainable
+    from headalloc.compression.settings import EndToEndArgs
 
     m = tiny("llama")
     g = Geometry.of(m)
@@ -171,7 +172,9 @@ def test_reduced_training_moves_only_what_the_plan_changed():
              if any(p is q for q in trainable(m, st, "reduced"))}
     assert names == {"k_down", "k_up", "v_down", "v_up"}
     before = {n: p.detach().clone() for n, p in st.named_parameters()}
-    distill_end_to_end(m, st, torch.randint(0, 300, (4, 16)), steps=3, lr=1e-2, k=4, progress=False, train="reduced")
+    distill_end_to_end(m, st, torch.randint(0, 300, (4, 16)), EndToEndArgs(steps=3, lr=1e-2, topk=4, train="reduced",
+                                                                         tail=False, sampling="replacement"),
+                       progress=False)
     moved = {n for n, p in st.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.split(".")[-2] in names for n in moved)
     assert any(".k_down." in n for n in moved)
@@ -182,7 +185,7 @@ def test_reduced_training_moves_only_what_the_plan_changed():
 def test_shrunk_second_moment_moves_the_factorisation_from_data_aware_to_plain():
     """whiten_shrink: the shrunk moment stays a second moment (PSD, same input energy, constant entry 1);
     near full shrinkage the whitened factorisation is plain truncated SVD (numpy's Eckart-Young tail)."""
-    from headalloc.compression.pipeline import shrink_second_moment
+    from headalloc.compression.calibration import shrink_second_moment
 
     rng = np.random.default_rng(1)
     W = torch.tensor(rng.standard_normal((10, 16)))
@@ -216,15 +219,13 @@ OURS = [("measured-latent", "kv", 0.45), ("measured-lowrank", "params", 0.5)]
 def test_our_knapsack_keeps_the_exponent_whose_plan_loses_least_on_the_calibration_text(strategy, kind, budget):
     """Each exponent's plan, rebuilt alone, scored by the compressed model's own loss (transformers' labels path,
     not our perplexity): the plan kept is the best of them, so never worse than the plain sum's (p = 1)."""
-    from headalloc.compression.strategies import STRATEGIES
-
     fn = STRATEGIES[strategy].fn
     m = tiny("llama")
     g = Geometry.of(m)
     torch.manual_seed(1)
     data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
-    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0, 3.0), empty=False)
-    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,), empty=False)[0] for p in (1.0, 2.0, 3.0)}
+    chosen, info = fn(_req(m, budget, kind, data, exponents=(1.0, 2.0, 3.0)))
+    alone = {p: fn(_req(m, budget, kind, data, exponents=(p,)))[0] for p in (1.0, 2.0, 3.0)}
     assert alone[1.0] != alone[2.0]  # (the exponents disagree here, so the choice is a real one)
     assert info["exponent"] in alone and chosen == alone[info["exponent"]] and info["empty_layers"] == []
     assert _loss(m, chosen, data) <= min(_loss(m, pl, data) for pl in alone.values()) + 1e-6
@@ -239,7 +240,8 @@ def test_our_knapsack_removes_a_layers_attention_that_adds_nothing(strategy, kin
     spends what it frees on the other layers, and its loss (transformers' own) is no worse than the best plan that
     keeps attention in every layer; the measured error of removing it is zero, of removing the others not."""
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.strategies import STRATEGIES
+    from headalloc.compression.planning.estimates import with_grads
+    from headalloc.compression.planning.select import empty_layer_errors
 
     fn = STRATEGIES[strategy].fn
     m = tiny("llama")
@@ -248,9 +250,10 @@ def test_our_knapsack_removes_a_layers_attention_that_adds_nothing(strategy, kin
         adapter_for(m).attention(m, 1).o_proj.weight.zero_()
     torch.manual_seed(1)
     data = collect(m, torch.randint(0, 300, (4, 24)), outputs=True)
-    dense, _ = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0), empty=False)
-    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=(1.0, 2.0), empty=True)
-    e0 = data.cache["empty_errors"]
+    store = Measurements()
+    dense, _ = fn(_req(m, budget, kind, data, store, exponents=(1.0, 2.0)))
+    chosen, info = fn(_req(m, budget, kind, data, store, exponents=(1.0, 2.0), empty_layers=True))
+    e0 = empty_layer_errors(m, with_grads(m, data, store), store)  # (the estimates the plan was chosen by)
     assert e0[1] == 0 and e0[0] > 0 and e0[2] > 0
     assert 1 in info["empty_layers"] and chosen[1].empty
     assert [l for l, lp in enumerate(chosen) if lp.empty] == info["empty_layers"]
@@ -266,18 +269,15 @@ def test_worst_part_selection_keeps_the_plan_with_the_smallest_largest_part_incr
     """With plan_select 'worst-part' the kept candidate is the one whose loss increase over the original, on the
     part of the calibration text where it is largest, is smallest; every loss here by transformers' labels path,
     per part, independently of the strategy's own measurement."""
-    from headalloc.compression.strategies import STRATEGIES
-
     fn = STRATEGIES[strategy].fn
     m = tiny("llama")
     torch.manual_seed(1)
     wide, narrow = torch.randint(0, 300, (3, 24)), torch.randint(0, 12, (3, 24))  # two kinds of "text"
     data = collect(m, torch.cat([wide, narrow]), outputs=True)
     data.parts = ["wide"] * 3 + ["narrow"] * 3
-    data.cache["plan_select"] = "worst-part"
     exps = (1.0, 2.0, 3.0)
-    chosen, info = fn(m, budget, kind, step=2, calibration=data, exponents=exps, empty=False)
-    alone = {p: fn(m, budget, kind, step=2, calibration=data, exponents=(p,), empty=False)[0] for p in exps}
+    chosen, info = fn(_req(m, budget, kind, data, exponents=exps, select="worst-part"))
+    alone = {p: fn(_req(m, budget, kind, data, exponents=(p,), select="worst-part"))[0] for p in exps}
 
     def part_losses(model):
         with torch.no_grad():
@@ -295,11 +295,15 @@ def test_worst_part_selection_keeps_the_plan_with_the_smallest_largest_part_incr
     assert reported[0] in ("wide", "narrow") and reported[1] == pytest.approx(worst[info["exponent"]], abs=1e-5)
 
 
-def test_plan_select_refuses_an_unknown_criterion():
-    from headalloc.compression.strategies import STRATEGIES
-
-    m = tiny("llama")
-    data = collect(m, torch.randint(0, 300, (2, 16)), outputs=True)
-    data.cache["plan_select"] = "median"
+def test_plan_options_refuse_an_unknown_criterion_before_any_measurement():
     with pytest.raises(ValueError, match="plan_select must be one of mean, worst-part; got 'median'"):
-        STRATEGIES["measured-latent"].fn(m, 0.45, "kv", step=2, calibration=data, exponents=(1.0,))
+        PlanOptions(select="median")
+    with pytest.raises(ValueError, match="exponents must be one or more positive numbers"):
+        PlanOptions(exponents=(1.0, -2.0))
+    with pytest.raises(ValueError, match="plan_error must be one of pooled, leave-part-out"):
+        PlanOptions(error="folded")
+
+
+def _req(m, budget, kind, data, store=None, **options):
+    return PlanRequest(m, budget, kind, step=2, calibration=data, options=PlanOptions(**options),
+                       measurements=Measurements() if store is None else store)

@@ -7,7 +7,7 @@ import torch
 from families import tiny, tiny_tokenizer
 
 from headalloc.compression.calibration import collect
-from headalloc.compression.reduce import Geometry, compress_model, output_moments
+from headalloc.compression.reduce import Geometry, compress_model
 from headalloc.compression.spec import LayerPlan, Plan
 
 
@@ -28,7 +28,7 @@ def test_the_pipeline_keeps_each_parts_moments_and_pools_them_as_before():
     of collect() over that part's windows alone, the pooled moments and the distillation targets are those of the
     default (pooled) calibration, and the moments without a part are collect()'s over the other parts' windows."""
     from headalloc.compression.fit_text import fit_windows
-    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.pipeline import kd_targets, prepare
     from headalloc.compression.settings import preset
 
     m = tiny("llama-bias")
@@ -38,8 +38,9 @@ def test_the_pipeline_keeps_each_parts_moments_and_pools_them_as_before():
                 autocast="none")  # (float32 passes, as the collect() references below; test_precision covers bfloat16)
     lpo = preset("default", plan_error="leave-part-out", **base).validate()
     pooled = preset("default", **base).validate()
-    cal, ref = calibration(m, tok, lpo), calibration(m, tok, pooled)
-    kd, parts = fit_windows(m, tok, lpo, lpo.kd_windows, lpo.kd_length, lpo.seed + 2, False, parts=True)
+    ws_lpo, ws_ref = prepare(m, tok, lpo), prepare(m, tok, pooled)
+    cal, ref = ws_lpo.calibration, ws_ref.calibration
+    kd, parts = fit_windows(m, tok, lpo, lpo.kd.windows, lpo.kd.length, lpo.runtime.seed + 2, False, parts=True)
     idx = torch.linspace(0, 5, 4).long().unique().tolist()
     assert sorted(cal.part_moments) == sorted({parts[i] for i in idx}) and ref.part_moments is None
     for p, (sm, om, n) in cal.part_moments.items():
@@ -51,7 +52,8 @@ def test_the_pipeline_keeps_each_parts_moments_and_pools_them_as_before():
     for l in range(3):
         torch.testing.assert_close(cal.second_moment[l], ref.second_moment[l], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(cal.out_moment[l], ref.out_moment[l], atol=1e-6, rtol=1e-5)
-    got, want = kd_targets(m, tok, lpo, cal, progress=False)[1], kd_targets(m, tok, pooled, ref, progress=False)[1]
+    got = kd_targets(m, tok, lpo, ws_lpo, progress=False)[1]
+    want = kd_targets(m, tok, pooled, ws_ref, progress=False)[1]
     assert torch.equal(got["ids"], want["ids"])
     torch.testing.assert_close(got["probs"], want["probs"])
     for p in cal.part_moments:
@@ -65,21 +67,19 @@ def test_the_pipeline_keeps_each_parts_moments_and_pools_them_as_before():
 def test_candidate_plans_are_scored_on_each_part_by_a_model_fitted_without_it():
     """plan_losses under leave-part-out: each window's loss is that of the model compressed with the other part's
     moments only (built from collect() over the other kind's windows), by transformers' labels path."""
-    from headalloc.compression.latent import plan_losses
+    from headalloc.compression.planning import MeasureOptions
+    from headalloc.compression.planning.select import plan_losses
 
     m = tiny("llama")
     g = Geometry.of(m)
     hd = g.head_dim
     data, wide, narrow, own = _two_kinds(m)
-    data.cache.update(plan_error="leave-part-out", factor_output="input")
     plan = [LayerPlan(hd, hd, rank_q=4, rank_o=4)] + [g.full() for _ in range(g.n_layers - 1)]
-    got = plan_losses(m, data, {"p": plan}, per_window=True)["p"]
+    got = plan_losses(m, data, {"p": plan}, per_window=True, measure=MeasureOptions(error="leave-part-out"))["p"]
     for k, ws, other in (("wide", wide, "narrow"), ("narrow", narrow, "wide")):
         fit = collect(m, torch.cat([wide, narrow]), outputs=True)  # inputs kept; moments replaced below
         fit.second_moment, fit.out_moment = own[other].second_moment, own[other].out_moment
-        fit.cache["factor_output"] = "input"
-        output_moments(m, fit)
-        st = compress_model(m, Plan(plan), fit)
+        st = compress_model(m, Plan(plan), fit)  # (output projection whitened by the head outputs: 'input')
         with torch.no_grad():
             ref = torch.stack([st(input_ids=w[None], labels=w[None]).loss.double() for w in ws])
         rows = [i for i, p in enumerate(data.parts) if p == k]
@@ -90,28 +90,24 @@ def test_an_unseen_kind_costs_more_than_the_pooled_estimate_and_the_strategy_pla
     """A low-rank query fitted without a kind of text loses more on that kind than one fitted with it (the pooled
     estimate is in-sample): the leave-part-out error is larger. Our measured strategies then plan on such errors
     and still meet their budgets."""
-    from headalloc.compression.strategies import STRATEGIES, candidate_error
+    from headalloc.compression.planning import STRATEGIES, MeasureOptions, Measurements, PlanOptions, PlanRequest
+    from headalloc.compression.planning.estimates import candidate_error
 
     m = tiny("llama")
     g = Geometry.of(m)
     hd = g.head_dim
     data, *_ = _two_kinds(m)
-    output_moments(m, data)
     lp = LayerPlan(hd, hd, rank_q=2)
     pooled = candidate_error(m, 1, data, lp, {})
-    data.cache["plan_error"] = "leave-part-out"
-    assert candidate_error(m, 1, data, lp, {}) > pooled > 0
+    assert candidate_error(m, 1, data, lp, {}, measure=MeasureOptions(error="leave-part-out")) > pooled > 0
+    store = Measurements()
     for name, kind, budget in (("measured", "params", 0.5), ("measured-latent", "kv", 0.45),
                                ("measured-lowrank", "params", 0.5)):
-        extra = {} if name == "measured" else {"exponents": (1.0, 2.0)}
-        plan, info = STRATEGIES[name].fn(m, budget, kind, step=2, calibration=data, **extra)
+        opts = PlanOptions(error="leave-part-out", exponents=(1.0, 2.0))
+        plan, info = STRATEGIES[name].fn(PlanRequest(m, budget, kind, step=2, calibration=data, options=opts,
+                                                     measurements=store))
         full = g.spec(g.full()).cost(g.hidden, kind) * g.n_layers
         assert sum(g.spec(x).cost(g.hidden, kind) for x in plan) <= budget * full
-    # every measurement those plans read was made leave-part-out
-    measured = [k for k in data.cache if isinstance(k, tuple) and k[0] in ("width_errors", "latent_errors",
-                                                                          "qo_rank_errors")]
-    assert {k[0] for k in measured} == {"width_errors", "latent_errors", "qo_rank_errors"}
-    assert all(k[-1] == "leave-part-out" for k in measured)
 
 
 def test_leave_part_out_needs_two_parts_and_says_so():
@@ -124,21 +120,22 @@ def test_leave_part_out_needs_two_parts_and_says_so():
     m = tiny("llama")
     data = collect(m, torch.randint(0, 300, (2, 16)), outputs=True)
     data.parts = ["a", "a"]
-    data.cache["plan_error"] = "leave-part-out"
     with pytest.raises(ValueError, match="two or more parts"):
         data.folds()
 
 
 def test_a_pooled_calibration_is_refused_for_leave_part_out_planning():
     """A calibration made without per-part moments cannot give leave-part-out estimates: planning with it says so
-    before any measuring (compress() and the benchmarks put the settings on through plan_settings)."""
-    from headalloc.compression.pipeline import plan_settings
+    before any measuring (`pipeline.plan_options`, which compress() and the benchmarks read the options through)."""
+    from headalloc.compression.pipeline import plan_options
     from headalloc.compression.settings import preset
+    from headalloc.compression.workspace import Workspace
 
     m = tiny("llama")
     data = collect(m, torch.randint(0, 300, (2, 16)), outputs=True)
     cfg = preset("default", plan_error="leave-part-out", plan_select="worst-part")
     with pytest.raises(ValueError, match="needs a calibration made with it"):
-        plan_settings(data, cfg)
+        plan_options(Workspace(data), cfg)
     data.part_moments = {"a": (data.second_moment, data.out_moment, data.tokens)}
-    assert plan_settings(data, cfg).cache["plan_select"] == "worst-part"
+    opts = plan_options(Workspace(data), cfg)
+    assert (opts.select, opts.error) == ("worst-part", "leave-part-out")

@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from headalloc.cli import main
 from headalloc.compression.calibration import collect
-from headalloc.compression.llamacpp import check_exportable, export_gguf
+from headalloc.compression.export.gguf import check_exportable, export_gguf
 from headalloc.compression.reduce import Geometry, compress_model
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
-from headalloc.compression.strategies import STRATEGIES, head_removal_error, make_plan
+from headalloc.compression.planning import STRATEGIES, make_plan
+from headalloc.compression.planning.estimates import head_removal_error
 from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
 ENGINE = importlib.util.find_spec("llama_cpp") is not None
@@ -187,11 +188,11 @@ def test_export_gguf_cli(tmp_path, capsys):
 
 
 def test_a_missing_engine_is_named_with_its_install(monkeypatch):
-    from headalloc.compression import llamacpp
+    from headalloc.compression import engine
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     with pytest.raises(ValueError, match=r"headalloc\[llamacpp\]"):
-        llamacpp.require_engine()
+        engine.require_engine()
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -203,7 +204,7 @@ PROMPT = "The quick brown fox: def f(x): return 42 + x; print(f(7))  # a comment
 def test_llamacpp_runs_the_export_as_pytorch_does(family, tmp_path):
     """llama.cpp's own logits on the exported f32 file against PyTorch's, for the original and for a plan with
     fewer kv heads, fewer query heads per kv head and a layer without attention; its tokenizer against ours."""
-    from headalloc.compression.llamacpp import engine_logits, engine_open
+    from headalloc.compression.engine import engine_logits, engine_open
 
     tok = tiny_tokenizer(tmp_path)
     ids = tok(PROMPT)["input_ids"]
@@ -230,7 +231,7 @@ def test_llamacpp_caches_only_the_kept_heads(tmp_path):
     """Bytes per cached token in llama.cpp (its saved sequence state, growing with the tokens) fall by exactly
     the removed key/value entries (f16: 2 bytes each), with flash attention (without it, llama.cpp pads every
     layer's V cache to the widest layer)."""
-    from headalloc.compression.llamacpp import engine_measure
+    from headalloc.compression.engine import engine_measure
 
     tok = tiny_tokenizer(tmp_path)
     m = tiny("llama")
@@ -263,7 +264,7 @@ def test_export_runs_where_the_engine_is_absent():
     code = ("import sys; sys.modules['llama_cpp'] = None\n"
             "import torch, tempfile, pathlib; sys.path.insert(0, 'tests')\n"
             "from families import tiny, tiny_tokenizer\n"
-            "from headalloc.compression.llamacpp import export_gguf\n"
+            "from headalloc.compression.export.gguf import export_gguf\n"
             "d = pathlib.Path(tempfile.mkdtemp()); tiny_tokenizer(d)\n"
             "print(export_gguf(tiny('llama'), d / 'm.gguf', tokenizer_dir=d)['arch'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from headalloc.compression.calibration import collect
 from headalloc.compression.reduce import Geometry, compress_model, output_moments
 from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
-from headalloc.compression.strategies import make_plan
+from headalloc.compression.planning import MeasureOptions, Measurements, PlanOptions, PlanRequest, make_plan
 from headalloc.compression.targets import TARGETS
 from headalloc.compression.modeling_headalloc import CACHE_NAME  # 'cache' from transformers 5.24
 
@@ -159,24 +159,22 @@ def test_output_weighted_factorisation_is_eckart_young_in_the_weighted_metric():
 
 
 def test_fisher_weighted_output_factors_lower_the_planners_estimate():
-    """factor_output='fisher' (set on the calibration as the pipeline does): the output factor of each layer has
-    a lower Fisher-weighted error (layer_error, the planners' estimate) than the input-only one."""
+    """factor_output='fisher': the output factor of each layer has a lower Fisher-weighted error (layer_error, the
+    planners' estimate) than the input-only one."""
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.reduce import factor_weights, reduce_layer
-    from headalloc.compression.strategies import _with_grads, layer_error
+    from headalloc.compression.planning.estimates import layer_error, with_grads
+    from headalloc.compression.reduce import factor_inputs, reduce_layer
 
     m = tiny("llama")
     g = Geometry.of(m)
     hd = g.head_dim
-    cal = _with_grads(m, collect(m, torch.randint(0, 300, (6, 24))), False)
-    output_moments(m, cal)
+    cal = with_grads(m, collect(m, torch.randint(0, 300, (6, 24))), Measurements())
+    inputs, fisher_inputs = factor_inputs(m, cal, "input"), factor_inputs(m, cal, "fisher")
     lp = LayerPlan(hd, hd, rank_o=5)
     for l in range(g.n_layers):
         w = adapter_for(m).weights(m, l)
-        cal.cache["factor_output"] = "input"
-        plain = layer_error(m, l, cal, *reduce_layer(w, cal.second_moment[l], lp, g, l, **factor_weights(cal, l)))
-        cal.cache["factor_output"] = "fisher"
-        kw = factor_weights(cal, l)
+        plain = layer_error(m, l, cal, *reduce_layer(w, cal.second_moment[l], lp, g, l, **inputs.for_layer(l)))
+        kw = fisher_inputs.for_layer(l)
         assert kw["out_weight"] is not None
         fisher = layer_error(m, l, cal, *reduce_layer(w, cal.second_moment[l], lp, g, l, **kw))
         assert fisher < plain
@@ -203,13 +201,12 @@ def test_output_factor_is_the_best_rank_r_map_of_the_teachers_head_outputs():
     import scipy.linalg
 
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.reduce import attention_module, factor_weights, reduce_layer
+    from headalloc.compression.reduce import attention_module, factor_inputs, reduce_layer
 
     m = tiny("llama-bias")
     g = Geometry.of(m)
     hd = g.head_dim
     cal = collect(m, torch.randint(0, 300, (3, 16)))
-    output_moments(m, cal)
     attn = m.model.layers[2].self_attn
     W, b = attn.o_proj.weight.detach().double(), attn.o_proj.bias.detach().double()
     with torch.no_grad():
@@ -219,7 +216,7 @@ def test_output_factor_is_the_best_rank_r_map_of_the_teachers_head_outputs():
     Cz = (Z.T @ Z / Z.shape[0]).numpy()
     r = 5
     spec, red = reduce_layer(adapter_for(m).weights(m, 2), cal.second_moment[2], LayerPlan(hd, hd, rank_o=r), g, 2,
-                             **factor_weights(cal, 2))
+                             **factor_inputs(m, cal).for_layer(2))
     mod = attention_module(m.config.get_text_config(), spec, red, 2)
     with torch.no_grad():
         err = sum(float((mod(hidden_states=X, position_embeddings=pe, attention_mask=None)[0][0].double() - y)
@@ -233,16 +230,15 @@ def test_plain_output_factor_is_the_truncated_svd_of_the_weights():
     import numpy as np
 
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.reduce import factor_weights, reduce_layer
+    from headalloc.compression.reduce import factor_inputs, reduce_layer
 
     m = tiny("llama")
     g = Geometry.of(m)
     hd = g.head_dim
     cal = collect(m, torch.randint(0, 300, (3, 16)))
-    output_moments(m, cal)
-    cal.cache["factor_output"] = "plain"
     w = adapter_for(m).weights(m, 1)
-    _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **factor_weights(cal, 1))
+    kw = factor_inputs(m, cal, "plain").for_layer(1)
+    _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **kw)
     U, S, Vh = np.linalg.svd(w.o.detach().double().numpy())
     want = (U[:, :4] * S[:4]) @ Vh[:4]
     np.testing.assert_allclose((red.o.double() @ red.o_down.double()).numpy(), want, atol=1e-5)
@@ -254,7 +250,9 @@ def test_whiten_shrink_pulls_the_output_factor_to_the_plain_one():
     import numpy as np
 
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.reduce import factor_weights, reduce_layer
+    from dataclasses import replace
+
+    from headalloc.compression.reduce import factor_inputs, reduce_layer
 
     m = tiny("llama")
     g = Geometry.of(m)
@@ -265,10 +263,9 @@ def test_whiten_shrink_pulls_the_output_factor_to_the_plain_one():
     ids = torch.randint(0, 300, (3, 16))
     gaps = {}
     for alpha in (0.0, 1 - 1e-9):
-        cal = collect(m, ids)
-        cal.cache.update(factor_output="input", whiten_shrink=alpha)
-        output_moments(m, cal)
-        _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **factor_weights(cal, 1))
+        cal = replace(collect(m, ids), whiten_shrink=alpha)
+        kw = factor_inputs(m, cal, "input").for_layer(1)
+        _, red = reduce_layer(w, cal.second_moment[1], LayerPlan(hd, hd, rank_o=4), g, 1, **kw)
         gaps[alpha] = float(np.abs((red.o.double() @ red.o_down.double()).numpy() - plain).max())
     assert gaps[1 - 1e-9] < 1e-5 < gaps[0.0]
 
@@ -278,7 +275,7 @@ def test_moments_over_more_windows_pool_the_calibration_and_fitting_windows():
     the end-to-end windows together, checked against one collect() over all of those windows at once; the head
     outputs' moment (hooked on o_proj in the model's forward) against output_moments' per-layer recomputation."""
     from headalloc.compression.fit_text import fit_windows
-    from headalloc.compression.pipeline import calibration
+    from headalloc.compression.pipeline import prepare
     from headalloc.compression.settings import preset
 
     m = tiny("llama-bias")
@@ -286,8 +283,8 @@ def test_moments_over_more_windows_pool_the_calibration_and_fitting_windows():
     tiny_cfg = dict(calib_windows=2, calib_length=16, kd_windows=5, kd_length=16, corpus="pydoc", fit_text="corpus",
                     autocast="none")  # (float32 passes, as the collect() reference; test_precision covers bfloat16)
     cfg = preset("default", budget=0.5, strategy="measured-lowrank", moment_windows=3, **tiny_cfg)
-    cal = calibration(m, tok, cfg)
-    kd = fit_windows(m, tok, cfg, cfg.kd_windows, cfg.kd_length, cfg.seed + 2, False)
+    cal = prepare(m, tok, cfg).calibration
+    kd = fit_windows(m, tok, cfg, cfg.kd.windows, cfg.kd.length, cfg.runtime.seed + 2, False)
     assert len(cal.windows) == 2  # the stored inputs stay the calibration windows'
     both = torch.cat([cal.windows, kd[torch.tensor([0, 2, 4])]])
     whole = collect(m, both, keep=True)
@@ -303,7 +300,7 @@ def test_one_teacher_pass_gives_the_moments_and_those_windows_distillation_targe
     targets: kd_targets then runs the teacher only on the other windows, and its targets equal teacher_topk's
     over every window (one window at a time); no more forward passes than windows in all."""
     from headalloc.compression.distill import merge_topk, teacher_topk
-    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.pipeline import kd_targets, prepare
     from headalloc.compression.settings import preset
 
     m = tiny("llama-bias")
@@ -315,10 +312,10 @@ def test_one_teacher_pass_gives_the_moments_and_those_windows_distillation_targe
     hook = m.model.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(len(kwargs["input_ids"])),
                                              with_kwargs=True)
     try:
-        cal = calibration(m, tok, cfg)
+        ws = prepare(m, tok, cfg)
         assert sum(rows) == 2 + 3  # calibration windows + the moment windows
         rows.clear()
-        w, got = kd_targets(m, tok, cfg, cal, progress=False)
+        w, got = kd_targets(m, tok, cfg, ws, progress=False)
         assert sum(rows) == 5 - 3  # only the windows the calibration pass did not run
     finally:
         hook.remove()
@@ -334,7 +331,7 @@ def test_one_teacher_pass_gives_the_moments_and_those_windows_distillation_targe
 def test_full_vocabulary_kl_stores_no_targets_and_runs_no_extra_teacher_pass():
     """kd_topk 0: the calibration's pass over the moment windows keeps no targets and kd_targets runs the teacher on
     no window (the end-to-end stage runs it at each step); a negative kd_topk is refused by name."""
-    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.pipeline import kd_targets, prepare
     from headalloc.compression.settings import preset
 
     m = tiny("llama-bias")
@@ -347,13 +344,13 @@ def test_full_vocabulary_kl_stores_no_targets_and_runs_no_extra_teacher_pass():
     hook = m.model.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(len(kwargs["input_ids"])),
                                              with_kwargs=True)
     try:
-        cal = calibration(m, tok, cfg)
+        ws = prepare(m, tok, cfg)
         rows.clear()
-        w, targets = kd_targets(m, tok, cfg, cal, progress=False)
+        w, targets = kd_targets(m, tok, cfg, ws, progress=False)
     finally:
         hook.remove()
     assert targets is None and rows == [] and w.shape == (5, 16)
-    assert not any(k[-1] == "part" for k in cal.cache if isinstance(k, tuple))
+    assert not ws.teacher.partial_targets  # nothing vocabulary-sized kept from the calibration pass
     with pytest.raises(ValueError, match="kd_topk"):
         preset("default", budget=0.5, kd_topk=-1).validate()
 
@@ -419,20 +416,24 @@ def test_block_output_factor_has_the_least_squares_up_factor_and_beats_its_block
 
 
 def test_measured_lowrank_with_output_groups_meets_the_budget_and_measures_both_structures():
-    from headalloc.compression.latent import measured_lowrank_plan
+    from headalloc.compression.planning.lowrank import measured_lowrank_plan
+    from headalloc.compression.planning.state import QueryOutputErrors
 
     m = tiny("llama-bias")
     g = Geometry.of(m)
     data = collect(m, torch.randint(0, 300, (3, 20)))
-    data.cache["output_groups"] = True
+    store = Measurements()
     full = g.spec(g.full()).cost(g.hidden, "params") * g.n_layers
     for b in (0.5, 0.35):
-        plan, info = measured_lowrank_plan(m, b, "params", step=4, calibration=data)
+        plan, info = measured_lowrank_plan(PlanRequest(m, b, "params", step=4, calibration=data,
+                                                       options=PlanOptions(output_groups=True), measurements=store))
         assert info["output_groups"] == g.n_kv and info["rank_grid_o_groups"]
         st = compress_model(m, Plan(plan), data)
         used = sum(HeadSpec.from_dict(a).params(g.hidden) for a in st.config.attn_layers)
         assert used <= b * full
         assert sum(p.numel() for layer in st.model.layers for p in layer.self_attn.parameters()) == used
-    key = next(k for k in data.cache if isinstance(k, tuple) and k[0] == "qo_rank_errors")
-    e = data.cache[key]
+    key = QueryOutputErrors(tuple(info["rank_grid_q"]), tuple(info["rank_grid_o"]), g.n_kv,
+                            tuple(info["rank_grid_o_groups"]), MeasureOptions())
+    assert key in store
+    e = store.get(key, lambda: None)
     assert (e[:, 2, :len(info["rank_grid_o_groups"])] > 0).all()  # every grouped candidate measured

@@ -49,26 +49,26 @@ def test_a_bfloat16_calibration_tracks_float32_and_is_its_own(tmp_path):
     'auto' was on this machine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headalloc.compression.pipeline import calibration, kd_targets
+    from headalloc.compression.pipeline import kd_targets, prepare
     from headalloc.compression.settings import preset
 
     folder = tiny_folder("llama", tmp_path / "llama")
     model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     cfg = preset("default", budget=0.5, strategy="uniform", fit_text="corpus", **{**TINY, "kd_windows": 6},
                  moment_windows=6)
-    cals = {ac: calibration(model, tok, replace(cfg, autocast=ac)) for ac in ("none", "bfloat16")}
-    assert {ac: c.cache["autocast"] for ac, c in cals.items()} == {"none": "none", "bfloat16": "bfloat16"}
-    t = {ac: kd_targets(model, tok, replace(cfg, autocast=ac), c)[1] for ac, c in cals.items()}
+    cals = {ac: prepare(model, tok, cfg.replace(autocast=ac)) for ac in ("none", "bfloat16")}
+    assert {ac: c.autocast for ac, c in cals.items()} == {"none": "none", "bfloat16": "bfloat16"}
+    t = {ac: kd_targets(model, tok, cfg.replace(autocast=ac), c)[1] for ac, c in cals.items()}
     assert float((t["bfloat16"]["ids"][..., 0] == t["none"]["ids"][..., 0]).float().mean()) > 0.9
     p = {ac: v["probs"][..., 0] * (1 - v["tail"]) for ac, v in t.items()}  # the most likely token's probability
     assert float((p["bfloat16"] - p["none"]).abs().max()) < 0.05
-    for a, b in zip(cals["bfloat16"].second_moment, cals["none"].second_moment):
+    for a, b in zip(cals["bfloat16"].calibration.second_moment, cals["none"].calibration.second_moment):
         assert float((a - b).norm() / b.norm()) < 2e-2
     assert not torch.equal(t["bfloat16"]["probs"], t["none"]["probs"])  # (the pass did run in bfloat16)
     with pytest.raises(ValueError, match="other fitting text"):
-        headalloc.compress(model, tokenizer=tok, config=replace(cfg, autocast="bfloat16"),
+        headalloc.compress(model, tokenizer=tok, config=cfg.replace(autocast="bfloat16"),
                            calibration_data=cals["none"], progress=False)
     r = headalloc.compress(model, tokenizer=tok, config=cfg, progress=False)
     used = precision.resolve_autocast("auto", "cpu")
-    assert r.config.autocast == used and r.metrics["end_to_end"]["autocast"] == used
+    assert r.config.runtime.autocast == used and r.report.end_to_end["autocast"] == used
     assert r.record()["config"]["autocast"] == used

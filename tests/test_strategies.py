@@ -10,8 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from headalloc.cli import main
 from headalloc.compression.calibration import collect
 from headalloc.compression.reduce import Geometry, compress_model
-from headalloc.compression.spec import HeadSpec
-from headalloc.compression.strategies import STRATEGIES, check_budget, depth_plan, knapsack, make_plan, uniform_plan
+from headalloc.compression.spec import HeadSpec, LayerPlan
+from headalloc.compression.planning import STRATEGIES, PlanRequest, check_budget, knapsack, make_plan
+from headalloc.compression.planning.heads import depth_plan, uniform_plan
 from headalloc.evaluation.lm import counts
 
 
@@ -57,20 +58,40 @@ def test_every_strategy_meets_the_budget(strategy, kind):
 
 
 def test_depth_keeps_early_layers_wider():
-    plan, _ = depth_plan(tiny(), 0.5, step=4)
+    plan, _ = depth_plan(PlanRequest(tiny(), 0.5, step=4))
     dims = [p.qk_dim for p in plan]
     assert dims[0] > dims[-1] and dims == sorted(dims, reverse=True)
-    assert [p.qk_dim for p in uniform_plan(tiny(), 0.5, step=4)[0]] == [8] * 4
+    assert [p.qk_dim for p in uniform_plan(PlanRequest(tiny(), 0.5, step=4))[0]] == [8] * 4
 
 
-def test_strategy_registry_is_what_the_cli_offers():
+def test_a_registered_strategy_is_offered_by_the_cli_and_planned_by_make_plan():
+    """Adding a strategy is one decorated function: the CLI offers it, `make_plan` runs it with the request it is
+    given, and its plan is checked against the target like any other."""
     from headalloc.cli import build_parser
+    from headalloc.compression.planning import strategy
 
-    ap = build_parser()
-    sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
-    action = next(a for a in sub._actions if a.dest == "strategy")
-    assert list(action.choices) == ["auto", *STRATEGIES] and list(STRATEGIES) == ["uniform", "depth", "prune-heads", "measured", "palu",
-                                                        "measured-latent", "measured-lowrank", "mha2mla"]
+    seen = {}
+
+    @strategy("every-other-layer-half", needs_calibration=False)
+    def half(req):
+        """Test: every other layer at half width."""
+        seen["req"] = req
+        hd = req.geometry.head_dim
+        return [LayerPlan(hd // 2 if l % 2 else hd, hd // 2 if l % 2 else hd) for l in range(req.geometry.n_layers)], {}
+
+    try:
+        ap = build_parser()
+        sub = next(a for a in ap._actions if a.dest == "command").choices["compress"]
+        action = next(a for a in sub._actions if a.dest == "strategy")
+        assert "every-other-layer-half" in action.choices and "auto" in action.choices
+        assert "every other layer at half width" in sub.description
+        plan = make_plan(tiny(), "every-other-layer-half", 0.9, step=4)
+        assert [lp.qk_dim for lp in plan] == [16, 8, 16, 8] and plan.strategy == "every-other-layer-half"
+        assert seen["req"].budget == 0.9 and seen["req"].step == 4 and seen["req"].calibration is None
+        with pytest.raises(ValueError, match="already registered"):
+            strategy("every-other-layer-half")(half)
+    finally:
+        STRATEGIES.pop("every-other-layer-half")
 
 
 def test_auto_picks_by_budget_kind_target_and_family():
@@ -80,7 +101,7 @@ def test_auto_picks_by_budget_kind_target_and_family():
 
     from headalloc.compression.settings import CompressConfig
 
-    assert CompressConfig().strategy == "auto"
+    assert CompressConfig().plan.strategy == "auto"
     model = tiny()
     data = collect(model, torch.randint(0, 100, (3, 24)))
     for kind, target, expect in (("params", "any", "measured-lowrank"), ("kv", "any", "measured-latent"),
@@ -108,10 +129,14 @@ def test_measured_with_head_choices_is_never_worse_than_widths_or_pruning_alone(
     loss increase (same estimator, exact knapsack) is at most either alone's, by brute-force evaluation
     of the other two plans under the same estimator."""
     from headalloc.compression.families import adapter_for
-    from headalloc.compression.strategies import layer_error, measured_plan, prune_plan, reduce_layer
+    from headalloc.compression.planning import Measurements
+    from headalloc.compression.planning.estimates import layer_error, with_grads
+    from headalloc.compression.planning.heads import measured_plan, prune_plan
+    from headalloc.compression.reduce import reduce_layer
 
     model = tiny()
-    data = collect(model, torch.randint(0, 100, (3, 24)))
+    store = Measurements()
+    data = with_grads(model, collect(model, torch.randint(0, 100, (3, 24))), store)  # (the planners' estimator)
     ad, g = adapter_for(model), Geometry.of(model)
 
     def predicted(plan):
@@ -120,14 +145,14 @@ def test_measured_with_head_choices_is_never_worse_than_widths_or_pruning_alone(
 
     full = 4 * HeadSpec(2, 3, 16, 16).params(48)
     for budget in (0.3, 0.5, 0.8):
-        both, info = measured_plan(model, budget, step=4, calibration=data, heads=True)
-        widths, _ = measured_plan(model, budget, step=4, calibration=data, heads=False)
-        pruned, _ = prune_plan(model, budget, calibration=data)
+        req = PlanRequest(model, budget, step=4, calibration=data, measurements=store)
+        both, info = measured_plan(req, heads=True)
+        widths, _ = measured_plan(req, heads=False)
+        pruned, _ = prune_plan(req)
         # the measured estimator is additive over qk and v; compare on the same footing: each plan's
         # own knapsack objective is at least the union's optimum
         assert info["predicted_error"] <= min(predicted(pruned),
-                                              measured_plan(model, budget, step=4, calibration=data,
-                                                            heads=False)[1]["predicted_error"]) + 1e-9
+                                              measured_plan(req, heads=False)[1]["predicted_error"]) + 1e-9
         for plan in (both, widths, pruned):
             assert len(plan) == 4 and sum(g.spec(lp).params(48) for lp in plan) <= budget * full
         assert any(lp.keep_kv is not None for lp in pruned) and all(lp.keep_kv is None for lp in widths)
@@ -138,7 +163,7 @@ def test_layer_error_several_windows_to_a_pass_equals_one_window_at_a_time(monke
     """The planning estimates measure several calibration windows per pass (`window_batches`); each window through
     Hugging Face's own attention module alone, summed by hand, is the reference (with and without gradients, over all
     windows and a listed subset), and a window of another length goes in a pass of its own."""
-    import headalloc.compression.strategies as st
+    import headalloc.compression.planning.estimates as st
     from headalloc.compression.families import adapter_for
     from headalloc.compression.spec import LayerPlan
 
@@ -156,7 +181,6 @@ def test_layer_error_several_windows_to_a_pass_equals_one_window_at_a_time(monke
                    - student(hidden_states=X, position_embeddings=pe, attention_mask=None)[0]
                    for X, pe in zip(data.inputs[l], data.positions)]
         plain = [float(dy.double().square().sum(-1).mean()) / data.resid_sq[l] for dy in dys]
-        data.cache.clear()
         assert st.layer_error(model, l, data, spec, w) == pytest.approx(sum(plain) / 5, rel=1e-5)
         assert st.layer_error(model, l, data, spec, w, windows=[1, 4]) == pytest.approx((plain[1] + plain[4]) / 2,
                                                                                        rel=1e-5)

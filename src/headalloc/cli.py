@@ -225,34 +225,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     r.save(out, overwrite=args.overwrite, command=command)
     g = Geometry.of(r.teacher)
     plot_plan_grid(r.plan.to_dict()["layers"], g.n_kv, g.n_rep, g.head_dim, out / "plan.png",
-                   f"{cfg.model}: {r.plan.strategy} plan at {cfg.budget_kind} budget {cfg.budget}", hidden=g.hidden)
-    m = r.metrics
-    t, a = m["teacher"], m["after_distill"]
+                   f"{cfg.model}: {r.plan.strategy} plan at {cfg.plan.budget_kind} budget {cfg.plan.budget}",
+                   hidden=g.hidden)
     print(f"saved {out}: loads with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
-    def before(d):  # the compressed model before fitting, with --eval-before
-        return f"{d['ppl']:.2f} -> " if d else ""
-
-    def interval(r):  # 90% paired bootstrap interval of the ratio over the windows
-        return f", 90% interval over windows {r['low']:.2f}-{r['high']:.2f}" if r else ""
-
-    print(f"perplexity: original {t['ppl']:.2f}, compressed {before(m.get('before_distill'))}"
-          f"{a['ppl']:.2f} after distillation ({a['ppl'] / t['ppl']:.2f}x{interval(m.get('ratio'))}; "
-          f"{cfg.eval_windows} validation windows of {cfg.eval_length})")
-    for h in (m.get("heldout") or {}).values():
-        print(f"held-out text '{h['corpus']}' (never fitted on): original {h['teacher']['ppl']:.2f}, compressed "
-              f"{before(h.get('before'))}{h['after']['ppl']:.2f} ({h['after']['ppl'] / h['teacher']['ppl']:.2f}x"
-              f"{interval(h.get('ratio'))}; {h['windows']} windows of {h['length']})")
-    print(f"attention params {a['params_attention'] / t['params_attention']:.3f}x, KV cache "
-          f"{a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x of the original")
-    secs = {k: m.get(f"seconds_{k}") for k in ("fit_text", "plan", "layerwise", "distill", "total")}
-    if secs["total"] is not None:
-        parts = [f"plan {secs['plan']:.0f} s" + (f" (of which fitting text {secs['fit_text']:.0f} s)"
-                                                 if secs["fit_text"] else "")]
-        if secs["distill"] is not None:
-            parts.append(f"distillation {secs['distill']:.0f} s" + (f" (layer-local {secs['layerwise']:.0f} s)"
-                                                                    if secs["layerwise"] is not None else ""))
-        print(f"time: {secs['total'] / 60:.1f} min: " + ", ".join(parts) + ", the rest evaluation")
-    if cfg.target == "llamacpp":
+    for line in r.report.format_text():
+        print(line)
+    if cfg.plan.target == "llamacpp":
         print(f"for llama.cpp: headalloc export-gguf {out} {out}.gguf")
     return 0
 
@@ -302,7 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from headalloc.compression.llamacpp import export_gguf
+    from headalloc.compression.export.gguf import export_gguf
 
     info = export_gguf(args.model, args.out, args.outtype, overwrite=args.overwrite, progress=True)
     empty = info["layers_without_attention"]
@@ -315,7 +293,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_check_gguf(args: argparse.Namespace) -> int:
-    from headalloc.compression.llamacpp import check_gguf
+    from headalloc.compression.engine import check_gguf
 
     r = check_gguf(args.model, args.gguf, args.prompt, args.new_tokens)
     print(f"tokens: llama.cpp {'matches' if r['tokens_equal'] else 'DIFFERS FROM'} the model's tokenizer on the prompt")
@@ -400,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     p.set_defaults(fn=cmd_sweep)
 
-    from headalloc.compression.strategies import AUTO, AUTO_DESCRIPTION, STRATEGIES
+    from headalloc.compression.planning import AUTO, AUTO_DESCRIPTION, STRATEGIES
     from headalloc.compression.settings import PRESETS, add_config_args
 
     strategies = "; ".join([f"{AUTO} (default): {AUTO_DESCRIPTION}"] +

@@ -4,13 +4,13 @@ strategy and by layer-local distillation.
 Per layer: the second moment E[x~ x~^T] of the attention input augmented with a constant 1,
 x~ = [x; 1] (so biases are handled by the same formulas as weights: the last row/column is the
 mean), the inputs themselves and the rotary position embeddings (for fitting and measuring), and
-the mean squared norm of the residual stream entering the layer. Measurements that strategies
-derive from it (gradients, candidate errors) are cached on the object, keyed by what they depend on.
+the mean squared norm of the residual stream entering the layer. A calibration is data: what the
+planners derive from it is kept apart (`planning.state.Measurements`), and nothing is written onto it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -29,10 +29,12 @@ class Calibration:
     grads: list[list[torch.Tensor]] | None = None  # per layer, per window: dLoss/d(attention output)
     out_moment: list[torch.Tensor] | None = None  # per layer: E[z z^T] of the output projection's input (outputs=True)
     parts: list[str] | None = None  # per window: the part of the fitting text it came from (None: one kind)
-    cache: dict = field(default_factory=dict)  # strategies' measurements, keyed by what they depend on
     # per part of the fitting text: (second moments, output moments, tokens) of its moment windows, unshrunk
     # (pipeline.calibration with plan_error "leave-part-out"; read by `folds`)
     part_moments: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], int]] | None = None
+    whiten_shrink: float = 0.0  # how far the moments were pulled toward isotropic (`shrink_second_moment`)
+    fold: str | None = None  # the part of the fitting text this calibration's moments leave out (`excluding`)
+    made_with: tuple | None = None  # the settings its statistics depend on (pipeline; checked when it is reused)
 
     def excluding(self, part: str) -> "Calibration":
         """The same windows, inputs and gradients, with the whitening moments of every part of the fitting text but
@@ -45,26 +47,21 @@ class Calibration:
         n = sum(t for _, _, t in rest)
         sm = [sum(m[l] * t for m, _, t in rest) / n for l in range(len(self.second_moment))]
         om = [sum(o[l] * t for _, o, t in rest) / n for l in range(len(self.second_moment))]
-        alpha = self.cache.get("whiten_shrink") or 0.0
-        if alpha:  # (the output moments are shrunk by output_moments, which reads the same setting)
-            sm = [shrink_second_moment(m, alpha) for m in sm]
-        settings = {k: self.cache[k] for k in ("whiten_shrink", "factor_output") if k in self.cache}
-        return replace(self, second_moment=sm, out_moment=om, part_moments=None, cache=settings)
+        if self.whiten_shrink:  # (the output moments are shrunk by reduce.output_moments, which reads the same)
+            sm = [shrink_second_moment(m, self.whiten_shrink) for m in sm]
+        return replace(self, second_moment=sm, out_moment=om, part_moments=None, fold=part)
 
     def folds(self) -> list[tuple["Calibration", list[int]]]:
         """Leave-part-out folds: for each part of the fitting text among the calibration windows, (this calibration
-        without that part's moments, the indices of that part's windows). Cached."""
-        if "folds" not in self.cache:
-            if not self.parts or len(self.parts) != len(self.windows):
-                raise ValueError("a leave-part-out estimate needs the part of each calibration window "
-                                 "(pipeline.calibration names them)")
-            names = sorted(set(self.parts))
-            if len(names) < 2:
-                raise ValueError(f"a leave-part-out estimate needs a fitting text of two or more parts; the "
-                                 f"calibration windows are all {names[0]!r} (e.g. fit_text 'corpus+generated')")
-            self.cache["folds"] = [(self.excluding(p), [i for i, q in enumerate(self.parts) if q == p])
-                                   for p in names]
-        return self.cache["folds"]
+        without that part's moments, the indices of that part's windows)."""
+        if not self.parts or len(self.parts) != len(self.windows):
+            raise ValueError("a leave-part-out estimate needs the part of each calibration window "
+                             "(pipeline.calibration names them)")
+        names = sorted(set(self.parts))
+        if len(names) < 2:
+            raise ValueError(f"a leave-part-out estimate needs a fitting text of two or more parts; the "
+                             f"calibration windows are all {names[0]!r} (e.g. fit_text 'corpus+generated')")
+        return [(self.excluding(p), [i for i, q in enumerate(self.parts) if q == p]) for p in names]
 
     @property
     def cov(self) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from headalloc.compression.calibration import Calibration
 from headalloc.compression.families import adapter_for
-from headalloc.compression.settings import KD_AUTOCAST_CHOICES, KD_SAMPLING_CHOICES, KD_TRAIN_CHOICES
+from headalloc.compression.settings import KD_AUTOCAST_CHOICES, KD_TRAIN_CHOICES, EndToEndArgs
 
 
 def _layer_out(layer, h, pe):
@@ -211,41 +211,30 @@ def window_order(n: int, steps: int, batch: int, generator: torch.Generator) -> 
     return (torch.cat(passes) if passes else torch.zeros(0, dtype=torch.long))[:need].view(steps, batch)
 
 
-def distill_end_to_end(teacher, student, windows: torch.Tensor, steps: int = 60, lr: float = 3e-4, batch: int = 1,
-                       k: int = 32, seed: int = 0, progress: bool = True, targets: dict | None = None,
-                       report_windows: int = 4, train: str = "attention", tail: bool = False,
-                       hidden_weight: float = 0.0, anchor: float = 0.0, autocast: str = "none",
-                       label_weight: float = 0.0, ema: float = 0.0, sampling: str = "replacement") -> dict:
-    """Fine-tune the student to match the teacher's next-token distributions on `windows` (calibration
-    text), through the whole network, so errors that layer-local fitting leaves to accumulate across
-    layers are corrected. `train` (see `trainable`): "attention" (every attention projection), "reduced"
-    (only the attention weights the plan changed) or "layers" (every decoder-layer weight; embeddings
-    and output head stay frozen). `tail`: the loss keeps the
-    teacher's mass outside its top k as one extra bucket (see `topk_distill_loss`). Adam, linear warm-up over the
-    first 10% of steps, cosine decay to 10%. `hidden_weight` > 0 adds that weight times
-    `hidden_state_loss` (every layer's output against the teacher's, from a teacher forward each
-    step). `autocast="bfloat16"`: the student's forward (and so its backward) runs under `torch.autocast` in
-    bfloat16 while the trained weights and Adam's state stay in their own dtype (mixed precision; much faster on
-    GPUs and on CPUs with bfloat16 matrix units, slower on CPUs without). `ema` in (0, 1): the student ends with an
-    exponential moving average of the trained weights over the steps (decay `ema` per step, kept in float32 from
-    the starting weights) instead of the last step's: Polyak averaging of a batch-of-one trajectory. `sampling`: which
-    windows each step takes (`window_order`): "epochs" (every window once, in a new random order each pass) or
-    "replacement" (each step's drawn independently: at one window per step over as many steps as windows, about a
-    third of them are never seen). Returns the distillation loss before and after (on the first `report_windows` windows;
-    the next-token term only) and the settings."""
+def distill_end_to_end(teacher, student, windows: torch.Tensor, args: EndToEndArgs = EndToEndArgs(), seed: int = 0,
+                       progress: bool = True, targets: dict | None = None, autocast: str = "none",
+                       report_windows: int = 4) -> dict:
+    """Fine-tune the student to match the teacher's next-token distributions on `windows` (fitting text), through
+    the whole network, so errors that layer-local fitting leaves to accumulate across layers are corrected. `args`
+    (`settings.EndToEndArgs`): `train` (see `trainable`) "attention" (every attention projection), "reduced" (only
+    the attention weights the plan changed) or "layers" (every decoder-layer weight; embeddings and output head
+    stay frozen); `tail`: the loss keeps the teacher's mass outside its top k as one extra bucket
+    (`topk_distill_loss`); `hidden` > 0 adds that weight times `hidden_state_loss` (every layer's output against
+    the teacher's, from a teacher forward each step); `anchor`, `label`: see their flags; `ema` in (0, 1): the
+    student ends with an exponential moving average of the trained weights (decay `ema` per step, kept in float32
+    from the starting weights) instead of the last step's; `sampling`: which windows each step takes
+    (`window_order`). Adam, linear warm-up over the first 10% of steps, cosine decay to 10%.
+    `autocast="bfloat16"`: the student's forward (and so its backward) runs under `torch.autocast` in bfloat16
+    while the trained weights and Adam's state stay in their own dtype. `targets`: the teacher's top-k targets on
+    `windows` (`teacher_topk`; computed here when not given). Returns the distillation loss before and after (on
+    the first `report_windows` windows; the next-token term only) and the settings."""
     import math
 
     from headalloc.compression.precision import autocast_context
 
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1) (0 = off); got {ema}")
-    if sampling not in KD_SAMPLING_CHOICES:
-        raise ValueError(f"sampling must be one of {', '.join(KD_SAMPLING_CHOICES)}; got {sampling!r}")
-    if anchor < 0 or label_weight < 0:
-        raise ValueError(f"anchor and label_weight must be >= 0; got {anchor}, {label_weight}")
-    if steps < 0 or batch < 1 or k < 0 or hidden_weight < 0:
-        raise ValueError(f"steps must be >= 0, batch >= 1, k >= 0 (0: the full vocabulary) and hidden_weight >= 0; "
-                         f"got steps={steps}, batch={batch}, k={k}, hidden_weight={hidden_weight}")
+    args.validate()
+    steps, lr, batch, k, train, tail = args.steps, args.lr, args.batch, args.topk, args.train, args.tail
+    hidden_weight, anchor, ema, label_weight, sampling = args.hidden, args.anchor, args.ema, args.label, args.sampling
     full = k == 0  # the full-vocabulary KL: the teacher runs beside the student at every step, nothing stored
     if not full:
         targets = targets or teacher_topk(teacher, windows, k, progress)

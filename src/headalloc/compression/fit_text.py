@@ -24,9 +24,7 @@ def _cache_path(teacher, corpus: str, n: int, length: int, seed: int, prompt: in
 
     return cache_file("generated", {**model_identity(teacher, all_weights=False), "corpus": corpus, "n": n,
                                     "length": length, "seed": seed, "prompt": prompt, "t": temperature,
-                                    # batches of 16 (the only size before session 13) keep the key their samples
-                                    # were cached at
-                                    **({"batch": batch} if batch != 16 else {})}, ".npy")
+                                    "batch": batch}, ".npy")
 
 
 @torch.no_grad()
@@ -79,14 +77,14 @@ def generated_windows(teacher, tok, corpus: str, n: int, length: int, seed: int,
 
 
 def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: bool = True, parts: bool = False):
-    """`n` windows of `length` tokens to fit on, per `cfg.fit_text`: shares of its parts by weight (the first takes
-    what does not divide), each from a train split only (`cfg.corpus`'s, or a named text's) or sampled, shuffled.
+    """`n` windows of `length` tokens to fit on, per `cfg.fit.text`: shares of its parts by weight (the first takes
+    what does not divide), each from a train split only (`cfg.fit.corpus`'s, or a named text's) or sampled, shuffled.
     `parts`: return (windows, the part each window came from), e.g. for choosing a plan by its worst part."""
     from headalloc.assets import token_windows
 
     names, weights = zip(*cfg.fit_shares)
     if names == ("corpus",):
-        w = token_windows(tok, cfg.corpus, "train", length, n, seed=seed)
+        w = token_windows(tok, cfg.fit.corpus, "train", length, n, seed=seed)
         return (w, ["corpus"] * len(w)) if parts else w
     total = sum(weights)
     shares = [n * w // total for w in weights[1:]]
@@ -97,10 +95,10 @@ def fit_windows(teacher, tok, cfg, n: int, length: int, seed: int, progress: boo
             continue
         labels += [part] * m
         if part == "generated":
-            out.append(generated_windows(teacher, tok, cfg.corpus, m, length, seed, cfg.gen_prompt,
-                                         cfg.gen_temperature, cfg.gen_batch, progress=progress))
+            out.append(generated_windows(teacher, tok, cfg.fit.corpus, m, length, seed, cfg.fit.gen_prompt,
+                                         cfg.fit.gen_temperature, cfg.fit.gen_batch, progress=progress))
         else:
-            out.append(token_windows(tok, cfg.corpus if part == "corpus" else part, "train", length, m, seed=seed))
+            out.append(token_windows(tok, cfg.fit.corpus if part == "corpus" else part, "train", length, m, seed=seed))
     w = torch.cat(out)
     order = torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))
     return (w[order], [labels[i] for i in order.tolist()]) if parts else w[order]

@@ -14,12 +14,11 @@ SETTINGS = {"quick": dict(budgets=[0.5], preset="quick"), "full": dict(budgets=[
 
 
 def compute(ctx: RunContext) -> dict:
-    from dataclasses import replace
-
     from headalloc.assets import load_model
-    from headalloc.compression.pipeline import calibration, compress, eval_windows, teacher_metrics
+    from headalloc.compression.pipeline import compress, eval_windows, prepare, teacher_perplexity
+    from headalloc.compression.workspace import PerplexityKey
     from headalloc.compression.settings import preset
-    from headalloc.compression.strategies import STRATEGIES
+    from headalloc.compression.planning import STRATEGIES
     from headalloc.evaluation.lm import counts
     from headalloc.io import atomic_write_json, read_json
 
@@ -32,8 +31,9 @@ def compute(ctx: RunContext) -> dict:
     partial = read_json(partial_path) if partial_path.exists() and not ctx.force else {}
     data = None
     if "teacher" not in partial:
-        data = calibration(teacher, tok, cfg0)
-        partial["teacher"] = teacher_metrics(teacher, ev, data, cfg0, progress=True)  # reused by every cell
+        data = prepare(teacher, tok, cfg0)
+        pkey = PerplexityKey(cfg0.fit.corpus, "validation", cfg0.eval.windows, cfg0.eval.length, cfg0.measure_seed)
+        partial["teacher"] = {**teacher_perplexity(teacher, ev, data, pkey, progress=True), **counts(teacher)}
         atomic_write_json(partial_path, partial)
     for b in s["budgets"]:
         for strat in strats:
@@ -41,10 +41,10 @@ def compute(ctx: RunContext) -> dict:
             if key in partial:
                 continue
             if data is None:
-                data = calibration(teacher, tok, cfg0)
-            r = compress(teacher, tokenizer=tok, config=replace(cfg0, budget=b, strategy=strat),
+                data = prepare(teacher, tok, cfg0)
+            r = compress(teacher, tokenizer=tok, config=cfg0.replace(budget=b, strategy=strat),
                          calibration_data=data, keep_stages=True)
-            m = r.metrics
+            m = r.report.record()
             partial[key] = {
                 "budget": b, "strategy": strat, "before": m["before_distill"], "after": m["after_distill"],
                 **({"after_layerwise": m["after_layerwise"]} if "after_layerwise" in m else {}),
@@ -89,7 +89,7 @@ def table(rec: dict) -> list[dict]:
         rows.append({"quantity": "budget 0.5, measured: ppl <= 1.10x original", "paper": "target",
                      "measured": f"{m / t:.2f}x", "match": m <= 1.10 * t})
         others = {k: v["after"]["ppl"] for k, v in half.items() if not k.startswith("measured")}  # the baselines
-        if "measured-lowrank" in half:  # ours with factorised projections (session 9): every head kept
+        if "measured-lowrank" in half:  # ours with factorised projections: every head kept
             lr = half["measured-lowrank"]["after"]["ppl"]
             rows.append({"quantity": "budget 0.5, measured-lowrank: ppl <= 1.10x original", "paper": "target",
                          "measured": f"{lr / t:.2f}x", "match": lr <= 1.10 * t})

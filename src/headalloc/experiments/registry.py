@@ -106,5 +106,9 @@ def run_experiment(exp: Experiment, out: Path, quick: bool, seed: int = 0, force
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_json(path, record)
         log(f"[{exp.name}] done in {record['_meta']['seconds']} s -> {path}")
+        from headalloc.reports.ledger import append
+
+        append("reproduce", exp.name, {"table": exp.table(record), "seconds": record["_meta"]["seconds"]},
+               settings={"scale": ctx.scale, "seed": seed, "result": str(path)}, log=log)
     exp.plot(record, out_dir)
     return record

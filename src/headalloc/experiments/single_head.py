@@ -27,7 +27,7 @@ MINI = {
 
 def _run_heads(teacher_fn, model, heads, dims, C_of, Xval_of, Xcal_of, rows_of, causal, steps, seed, pos_val=None,
                pos_cal=None):
-    from headalloc.compression.single_head import finetune_head, head_errors, reduce_head
+    from headalloc.probe.single_head import finetune_head, head_errors, reduce_head
 
     out = {}
     for layer, head in heads:
@@ -50,7 +50,7 @@ def _run_heads(teacher_fn, model, heads, dims, C_of, Xval_of, Xcal_of, rows_of, 
 def compute_smollm2(ctx: RunContext) -> dict:
     from headalloc.assets import load_model, token_windows
     from headalloc.compression.calibration import collect
-    from headalloc.compression.single_head import teacher_head_llama
+    from headalloc.probe.single_head import teacher_head_llama
 
     s = SMOL[ctx.scale]
     model, tok = load_model("smollm2")
@@ -73,7 +73,7 @@ def compute_smollm2(ctx: RunContext) -> dict:
 
 def compute_minilm(ctx: RunContext) -> dict:
     from headalloc.assets import load_model, token_windows
-    from headalloc.compression.single_head import teacher_head_bert
+    from headalloc.probe.single_head import teacher_head_bert
 
     s = MINI[ctx.scale]
     model, tok = load_model("minilm")

@@ -28,7 +28,7 @@ def adapter_for(model_or_config) -> FamilyAdapter:
                                     "(its base is named in the folder's README.md and headalloc.json)")
     if mt not in ADAPTERS:
         raise UnsupportedModelError(f"model type {mt!r} is not supported for compression; supported families: "
-                                    f"{supported()}. (BERT/GPT-2 heads: headalloc.compression.single_head.)")
+                                    f"{supported()}. (BERT/GPT-2 heads: headalloc.probe.single_head.)")
     adapter = ADAPTERS[mt]
     adapter.check(cfg)
     return adapter

@@ -10,13 +10,12 @@ or values), the layer's relative output error |dy|^2 / |y|^2:
 A good estimate is close to the held-out errors and, above all, ranks the candidates as they do: the knapsack
 compares candidates, so the ratio held-out / estimate should be the same for every candidate.
 
-    python benchmarks/bench_plan_error.py [--layers 2,10,18,26] [--moment-windows 150] [any compress flag]
+    python studies/plan_error.py [--layers 2,10,18,26] [--moment-windows 150] [any compress flag]
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,10 +23,11 @@ import torch
 from headalloc.assets import load_model, token_windows
 from headalloc.compression.calibration import collect
 from headalloc.compression.families import adapter_for
-from headalloc.compression.pipeline import calibration, plan_settings
-from headalloc.compression.reduce import Geometry, attention_module, factor_weights, output_moments, reduce_layer
+from headalloc.compression.pipeline import prepare
+from headalloc.compression.reduce import Geometry, attention_module, factor_inputs, reduce_layer
 from headalloc.compression.settings import add_config_args, config_from_args, preset
 from headalloc.compression.spec import LayerPlan
+from headalloc.reports.ledger import append
 
 
 @torch.no_grad()
@@ -51,26 +51,25 @@ def main() -> None:
     add_config_args(ap)
     a = ap.parse_args()
     cfg = config_from_args(a, base=preset("default", moment_windows=150)).validate()
-    cfg = replace(cfg, plan_error="leave-part-out").validate()
-    m, tok = load_model(cfg.model, dtype=cfg.dtype)
+    cfg = cfg.replace(plan_error="leave-part-out").validate()
+    m, tok = load_model(cfg.model, dtype=cfg.runtime.dtype)
     g, ad = Geometry.of(m), adapter_for(m)
     hd, full_kv = g.head_dim, g.n_kv * g.head_dim
-    cal = plan_settings(calibration(m, tok, cfg), cfg)
-    output_moments(m, cal)
+    cal = prepare(m, tok, cfg).calibration
     folds = cal.folds()
-    for c, _ in folds:
-        output_moments(m, c)
-    held = {k: collect(m, token_windows(tok, k, "all", 256, a.heldout_windows_256, seed=cfg.seed + 3), keep=True)
+    factors = {None: factor_inputs(m, cal, cfg.calib.factor_output),
+               **{c.fold: factor_inputs(m, c, cfg.calib.factor_output) for c, _ in folds}}
+    held = {k: collect(m, token_windows(tok, k, "all", 256, a.heldout_windows_256, seed=cfg.runtime.seed + 3), keep=True)
             for k in cfg.heldout_kinds}
     cands = {"q r96": LayerPlan(hd, hd, rank_q=96), "q r48": LayerPlan(hd, hd, rank_q=48),
              "o r96": LayerPlan(hd, hd, rank_o=96), "o r192": LayerPlan(hd, hd, rank_o=192),
              "k r64": LayerPlan(hd, hd, kind="palu", rank_k=64, rank_v=full_kv),
              "v r64": LayerPlan(hd, hd, kind="palu", rank_k=full_kv, rank_v=64)}
     parts = sorted(set(cal.parts))
-    print(f"SmolLM2; fitting text {cfg.fit_text} ({cfg.moment_windows} moment windows + {cfg.calib_windows} calibration "
-          f"windows of {cfg.calib_length}; parts of the calibration windows: "
+    print(f"SmolLM2; fitting text {cfg.fit.text} ({cfg.calib.moment_windows} moment windows + {cfg.calib.windows} calibration "
+          f"windows of {cfg.calib.length}; parts of the calibration windows: "
           f"{', '.join(f'{p} {cal.parts.count(p)}' for p in parts)}); held-out: {', '.join(held)} "
-          f"({a.heldout_windows_256} windows of 256 each); seed {cfg.seed}. Relative output error of the layer:")
+          f"({a.heldout_windows_256} windows of 256 each); seed {cfg.runtime.seed}. Relative output error of the layer:")
     kinds = list(held)
     print(f"{'layer':>5} {'candidate':>9} {'pooled':>8} {'leave-out':>9} " + " ".join(f"{k:>8}" for k in kinds)
           + "   held-out mean / pooled, / leave-part-out")
@@ -78,7 +77,7 @@ def main() -> None:
     for l in (int(x) for x in a.layers.split(",")):
         w = ad.weights(m, l)
         for name, lp in cands.items():
-            kw = lambda c: factor_weights(c, l) if lp.rank_o else {}  # noqa: E731
+            kw = lambda c: factors[c.fold].for_layer(l) if lp.rank_o else {}  # noqa: E731
             pooled_fit = reduce_layer(w, cal.second_moment[l], lp, g, l, **kw(cal))
             pooled = rel_error(m, l, *pooled_fit, cal)
             n, lpo = 0, 0.0
@@ -92,9 +91,12 @@ def main() -> None:
             ratios["leave-part-out"].append(t / lpo)
             print(f"{l:>5} {name:>9} {pooled:8.4f} {lpo:9.4f} " + " ".join(f"{x:8.4f}" for x in truth)
                   + f"   {t / pooled:6.2f}x {t / lpo:6.2f}x", flush=True)
+    summary = {}
     for k, r in ratios.items():
         r = np.log(np.array(r))
+        summary[k] = {"geometric_mean": float(np.exp(r.mean())), "sd_log": float(r.std())}
         print(f"held-out / {k}: geometric mean {np.exp(r.mean()):.2f}x, spread over candidates (sd of log) {r.std():.2f}")
+    append("study", "plan_error", settings=cfg.to_dict(), metrics={"held_out_over_estimate": summary})
 
 
 if __name__ == "__main__":

@@ -16,56 +16,12 @@ layers are `modeling_headalloc.ReducedAttention`, the same module the saved mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from headalloc.compression.calibration import Calibration, InputMoment, shrink_moment
-from headalloc.compression.families import AttentionWeights, adapter_for
-from headalloc.compression.modeling_headalloc import (HeadallocConfig, HeadallocForCausalLM, make_attention)
-from headalloc.compression.spec import HeadSpec, LayerPlan, Plan
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A teacher's attention shape: head width, kv heads, query heads per kv head, hidden size, layers."""
-
-    head_dim: int
-    n_kv: int
-    n_rep: int
-    hidden: int
-    n_layers: int
-    bias: tuple = ()  # projections with biases, e.g. ("q", "k", "v")
-    qk_norm: bool = False
-    qk_reducible: bool = True
-
-    @classmethod
-    def of(cls, model) -> "Geometry":
-        ad = adapter_for(model)
-        cfg = model.config
-        w = ad.weights(model, 0)
-        return cls(ad.head_dim(cfg), ad.n_kv_heads(cfg), ad.n_rep(cfg), ad.hidden_size(cfg), ad.n_layers(cfg),
-                   tuple(k for k, v in w.bias.items() if v), w.q_norm is not None, ad.qk_reducible)
-
-    def spec(self, lp: LayerPlan) -> HeadSpec:
-        """The shape (no rope pairs) that a layer plan gives in this model: what budgets count."""
-        return lp.shape(self.n_kv, self.n_rep, {b: True for b in self.bias}, self.qk_norm)
-
-    def full(self) -> LayerPlan:
-        return LayerPlan(self.head_dim, self.head_dim)
-
-
-def _sym_sqrt(C: torch.Tensor, eps: float = 1e-6):
-    w, V = torch.linalg.eigh(C)
-    w = w.clamp_min(eps * w.max())
-    return (V * w.sqrt()) @ V.T, (V / w.sqrt()) @ V.T
-
-
-def _aug(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """[W | b] in float64 (b = 0 when absent): the map on x~ = [x; 1]."""
-    W = W.double()
-    col = b.double()[:, None] if b is not None else W.new_zeros(W.shape[0], 1)
-    return torch.cat([W, col], 1)
+from headalloc.compression.families import AttentionWeights
+from headalloc.compression.reduce.geometry import Geometry
+from headalloc.compression.reduce.linalg import _aug, _sym_sqrt, block_whitened_low_rank, low_rank_svd, whitened_low_rank
+from headalloc.compression.spec import HeadSpec, LayerPlan
 
 
 @torch.no_grad()
@@ -81,16 +37,6 @@ def pair_importance(w: AttentionWeights, M: torch.Tensor | None, g: Geometry) ->
     pq = (e_q[:, :half] + e_q[:, half:]).view(g.n_kv, g.n_rep, half).sum(1)  # per pair, summed over the group
     pk = e_k[:, :half] + e_k[:, half:]
     return pq * pk
-
-
-def low_rank_svd(M: torch.Tensor, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of the product M @ N, M (m, r), N (r, n), r small, without forming it: QR of both
-    factors, then the SVD of an r x r core. Returns U (m, r), S (r,), Vh (r, n) with U diag(S) Vh = M N
-    (the product has rank <= r, so nothing is lost)."""
-    Qm, Rm = torch.linalg.qr(M)
-    Qn, Rn = torch.linalg.qr(N.transpose(0, 1))
-    u, S, vh = torch.linalg.svd(Rm @ Rn.transpose(0, 1))
-    return Qm @ u, S, vh @ Qn.transpose(0, 1)
 
 
 @torch.no_grad()
@@ -186,68 +132,6 @@ def factor_projections(spec: HeadSpec, red: AttentionWeights, M: torch.Tensor | 
     return spec, AttentionWeights(**{**red.__dict__, "q": q, "o": o, "q_down": q_down, "o_down": o_down})
 
 
-@torch.no_grad()
-def output_moments(model, cal: Calibration) -> list[torch.Tensor] | None:
-    """Per layer: E[z z^T] of the teacher's output-projection input z (every head's output, concatenated) on
-    the calibration inputs (float64, CPU; `cal.out_moment` when the calibration collected it), pulled toward
-    isotropic by `cal.cache["whiten_shrink"]` when set; None when the calibration kept no inputs. Cached on `cal`."""
-    if cal.inputs is None or not all(cal.inputs):
-        return None
-    if "out_moment" in cal.cache:
-        return cal.cache["out_moment"]
-    if cal.out_moment is not None:
-        out = list(cal.out_moment)
-    else:
-        ad = adapter_for(model)
-        out = []
-        for l in range(ad.n_layers(model.config)):
-            attn = ad.attention(model, l)
-            acc = InputMoment()
-            h = attn.o_proj.register_forward_pre_hook(acc)
-            try:
-                for X, pe in zip(cal.inputs[l], cal.positions):
-                    attn(hidden_states=X, position_embeddings=pe, attention_mask=None)
-            finally:
-                h.remove()
-            out.append(acc.moment())
-    if cal.cache.get("whiten_shrink"):  # the same pull toward isotropic as the layer inputs' (whiten_shrink)
-        out = [shrink_moment(c, cal.cache["whiten_shrink"]) for c in out]
-    cal.cache["out_moment"] = out
-    return cal.cache["out_moment"]
-
-
-@torch.no_grad()
-def grad_moments(cal: Calibration, ridge: float = 1e-2) -> list[torch.Tensor] | None:
-    """Per layer: E[g g^T] of the LM-loss gradient at the attention output on the calibration text (float64,
-    CPU), plus `ridge` x its mean eigenvalue on the diagonal (positive definite, so it can weight a
-    factorisation); None without gradients. Cached on `cal`."""
-    if cal.grads is None:
-        return None
-    key = ("grad_moment", ridge)
-    if key not in cal.cache:
-        out = []
-        for gl in cal.grads:
-            G = sum((lambda f: f.T @ f)(g.reshape(-1, g.shape[-1]).double().cpu()) for g in gl)
-            G = G / sum(g.reshape(-1, g.shape[-1]).shape[0] for g in gl)
-            out.append(G + ridge * torch.trace(G) / G.shape[0] * torch.eye(G.shape[0], dtype=G.dtype))
-        cal.cache[key] = out
-    return cal.cache[key]
-
-
-def factor_weights(cal: Calibration | None, layer: int) -> dict:
-    """reduce_layer's keyword arguments for factorised projections of `layer` under the calibration's setting
-    (`cal.cache["factor_output"]`, default "input" as the pipeline sets it: "input" whitens the output projection by the head outputs only, "fisher"
-    also weights its error by the gradient covariance, "plain" uses neither: truncated SVD of the weights)."""
-    if cal is None or cal.cache.get("factor_output", "input") == "plain":
-        return {}
-    outm = cal.cache.get("out_moment")  # filled by output_moments
-    kw = {"out_moment": None if outm is None else outm[layer]}
-    if cal.cache.get("factor_output", "input") == "fisher":
-        gm = grad_moments(cal)
-        kw["out_weight"] = None if gm is None else gm[layer]
-    return kw
-
-
 def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Geometry, layer_idx: int = 0,
                   cache: dict | None = None) -> tuple[HeadSpec, AttentionWeights]:
     hd = g.head_dim
@@ -311,77 +195,6 @@ def _reduce_layer(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g:
                            v_bias=v_bias, o_bias=f32(w.o_bias), q_norm=f32(w.q_norm), k_norm=f32(w.k_norm),
                            scale=w.scale)
     return spec, red
-
-
-@torch.no_grad()
-def block_whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, groups: int, cache: dict | None = None,
-                            out_weight: torch.Tensor | None = None, layer_idx: int = 0):
-    """(up (out, rank), down (groups, rank / groups, in / groups)) for W (out, in) with a block-diagonal down
-    factor: each of `groups` consecutive blocks of the input (a kv group's head outputs) gets its own rank / groups
-    directions, from the whitened SVD of its columns under its diagonal block of C (`whitened_low_rank`); then the
-    shared up factor is refitted by least squares under the whole C, up = W C D^T (D C D^T)^+, which accounts for
-    the blocks' cross terms (the least-squares up factor does not depend on an output-side weight). At equal
-    parameters this keeps the output projection better than one rank-r factorisation on SmolLM2, on text the
-    moments never saw too (`benchmarks/bench_basis_sharing.py`)."""
-    n_out, n_in = W.shape
-    if groups < 2 or n_in % groups or rank % groups or not 1 <= rank // groups <= min(n_out, n_in // groups):
-        raise ValueError(f"layer {layer_idx}: a block-diagonal output factor needs groups >= 2 dividing the "
-                         f"{n_in} head outputs and the rank {rank}, with rank / groups in [1, "
-                         f"{min(n_out, n_in // max(groups, 1))}]; got groups={groups}")
-    sc = cache if cache is not None else {}
-    w, r = n_in // groups, rank // groups
-    W = W.double().cpu()
-    Cd = None if C is None else C.double().cpu()
-    downs = []
-    for j in range(groups):
-        b = slice(j * w, (j + 1) * w)
-        _, d = whitened_low_rank(W[:, b], None if Cd is None else Cd[b, b], r,
-                                 sc.setdefault(("o_whiten_block", groups, j, Cd is None), {}), out_weight=out_weight)
-        downs.append(d.double())
-    D = torch.block_diag(*downs)  # (rank, in)
-    Cm = torch.eye(n_in, dtype=torch.float64) if Cd is None else Cd
-    up = W @ Cm @ D.T @ torch.linalg.pinv(D @ Cm @ D.T)
-    return up.float(), torch.stack(downs).float()
-
-
-def whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, sqrt_cache: dict | None = None,
-                      out_weight: torch.Tensor | None = None):
-    """(up (out, rank), down (rank, in)) minimising E|W x - up down x|^2 for inputs of second moment C
-    (truncated SVD of W C^{1/2}, as SVD-LLM and Palu whiten; None: plain SVD of W). The singular values are
-    split evenly (sqrt) between the factors. `out_weight` D (out, out), positive definite: minimise
-    E[(W x - up down x)^T D (W x - up down x)] instead (SVD of D^{1/2} W C^{1/2})."""
-    if out_weight is not None:
-        Ds, Dis = _sym_sqrt(out_weight.double().cpu())
-        up, down = whitened_low_rank(Ds @ W.double().cpu(), C, rank, sqrt_cache)
-        return (Dis @ up.double()).float(), down
-    W = W.double().cpu()
-    if C is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        down = Vh
-    else:
-        if sqrt_cache is not None and "sqrt" in sqrt_cache:
-            Cs, Cis = sqrt_cache["sqrt"]
-        else:
-            Cs, Cis = _sym_sqrt(C.double().cpu())
-            if sqrt_cache is not None:
-                sqrt_cache["sqrt"] = (Cs, Cis)
-        # candidates of one layer differ only in rank: one SVD per map serves them all (kept beside the
-        # moment's square root, checked against the map itself so another map never gets a stale one)
-        svds = sqrt_cache.setdefault("svd", []) if sqrt_cache is not None else []
-        hit = next((f for Wc, *f in svds if Wc.shape == W.shape and torch.equal(Wc, W)), None)
-        if hit is None:
-            U, S, Vh = torch.linalg.svd(W @ Cs, full_matrices=False)
-            hit = (U, S, Vh @ Cis)
-            if sqrt_cache is not None:
-                svds.append((W.clone(), *hit))
-        U, S, down = hit
-    r = min(rank, S.numel())
-    s = S[:r].sqrt()
-    up, down = U[:, :r] * s, s[:, None] * down[:r]
-    if r < rank:  # pad (more rank than the map has): zero directions change nothing
-        up = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], 1)
-        down = torch.cat([down, down.new_zeros(rank - r, down.shape[1])], 0)
-    return up.float(), down.float()
 
 
 @torch.no_grad()
@@ -460,144 +273,3 @@ def reduce_mla(w: AttentionWeights, M: torch.Tensor | None, lp: LayerPlan, g: Ge
                            scale=w.scale, kv_down=down, k_rope=torch.cat(kr_rows),
                            k_rope_bias=torch.cat(kr_b) if kr_b else None)
     return spec, red
-
-
-def _state(w: AttentionWeights) -> dict:
-    sd = _dense_state(w)
-    for name, down in (("q_proj", w.q_down), ("o_proj", w.o_down)):  # factorised: down then up (bias on up)
-        if down is not None:
-            sd[f"{name}.up.weight"] = sd.pop(f"{name}.weight")
-            if f"{name}.bias" in sd:
-                sd[f"{name}.up.bias"] = sd.pop(f"{name}.bias")
-            sd[f"{name}.down.weight"] = down
-    return sd
-
-
-def _dense_state(w: AttentionWeights) -> dict:
-    if w.kv_down is not None:  # MHA2MLA-style
-        sd = {"q_proj.weight": w.q, "k_rope.weight": w.k_rope, "kv_down.weight": w.kv_down, "k_up.weight": w.k,
-              "v_up.weight": w.v, "o_proj.weight": w.o}
-        for name, t in (("q_proj.bias", w.q_bias), ("k_rope.bias", w.k_rope_bias), ("k_up.bias", w.k_bias),
-                        ("v_up.bias", w.v_bias), ("o_proj.bias", w.o_bias)):
-            if t is not None:
-                sd[name] = t
-        return sd
-    if w.q.numel() == 0:  # a layer without attention has no weights
-        return {}
-    if w.k_down is not None:  # latent keys and values
-        sd = {"q_proj.weight": w.q, "k_down.weight": w.k_down, "k_up.weight": w.k, "v_down.weight": w.v_down,
-              "v_up.weight": w.v, "o_proj.weight": w.o}
-        for name, t in (("q_proj.bias", w.q_bias), ("k_up.bias", w.k_bias), ("v_up.bias", w.v_bias),
-                        ("o_proj.bias", w.o_bias)):
-            if t is not None:
-                sd[name] = t
-        return sd
-    sd = {"q_proj.weight": w.q, "k_proj.weight": w.k, "v_proj.weight": w.v, "o_proj.weight": w.o}
-    for name, t in (("q_proj.bias", w.q_bias), ("k_proj.bias", w.k_bias), ("v_proj.bias", w.v_bias),
-                    ("o_proj.bias", w.o_bias), ("q_norm.weight", w.q_norm), ("k_norm.weight", w.k_norm)):
-        if t is not None:
-            sd[name] = t
-    return sd
-
-
-@torch.no_grad()
-def attention_module(text_config, spec: HeadSpec, w: AttentionWeights, layer_idx: int = 0,
-                     device=None, dtype=None) -> torch.nn.Module:
-    """The student attention layer (the module the saved model runs) holding weights `w`."""
-    with torch.device("meta"):
-        m = make_attention(text_config, spec.to_dict(), layer_idx)
-    sd = {k: v.to(device=device or v.device, dtype=dtype or v.dtype) for k, v in _state(w).items()}
-    m.load_state_dict(sd, assign=True, strict=True)
-    return m
-
-
-@torch.no_grad()
-def build_student(teacher, specs: list[HeadSpec], weights: list[AttentionWeights], plan_info: dict | None = None,
-                  dtype: torch.dtype | None = None) -> HeadallocForCausalLM:
-    """A HeadallocForCausalLM whose attention layers are `specs`/`weights` and whose every other weight is
-    the teacher's (copied), on the teacher's device, in `dtype` (default: the teacher's)."""
-    ad = adapter_for(teacher)
-    param = next(teacher.parameters())
-    dtype = dtype or param.dtype
-    cfg = HeadallocConfig(text_config=teacher.config.to_dict(), attn_layers=[s.to_dict() for s in specs],
-                          headalloc_plan=plan_info)
-    cfg.architectures = ["HeadallocForCausalLM"]
-    with torch.device("meta"):
-        student = HeadallocForCausalLM(cfg)
-    key = ad.attention_key()
-    sd = {k: v for k, v in teacher.state_dict().items() if key not in k}
-    for i, w in enumerate(weights):
-        sd.update({f"model.layers.{i}.self_attn.{k}": v for k, v in _state(w).items()})
-    # a fresh copy of every tensor, on the teacher's device (or each layer's, under a device map)
-    dev_of = {n: p.device for n, p in teacher.named_parameters()}
-    sd = {k: v.detach().to(device=dev_of.get(k, param.device), dtype=dtype, copy=True) for k, v in sd.items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = student.load_state_dict(sd, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"student and teacher weights do not line up: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}")
-    for name, buf in teacher.named_buffers():  # rotary inverse frequencies etc. (not in the state dict)
-        try:
-            tgt = student.get_buffer(name)
-        except AttributeError:
-            continue
-        if tgt.is_meta:
-            mod, _, attr = name.rpartition(".")
-            student.get_submodule(mod).register_buffer(attr, buf.detach().clone(), persistent=False)
-    if cfg.tie_word_embeddings:
-        student.lm_head.weight = student.model.embed_tokens.weight
-    for name, p in list(student.named_parameters()) + list(student.named_buffers()):
-        if p.is_meta:
-            raise RuntimeError(f"student tensor {name} was not initialised from the teacher")
-    student.config.text_config._attn_implementation = teacher.config._attn_implementation
-    if getattr(teacher, "hf_device_map", None):  # the same placement as the teacher, with accelerate's hooks
-        from accelerate import dispatch_model
-
-        student = dispatch_model(student, device_map=teacher.hf_device_map)
-    return student.eval()
-
-
-@torch.no_grad()
-def compress_model(teacher, plan: Plan | list[LayerPlan], calibration: Calibration | None = None,
-                   dtype: torch.dtype | None = None) -> HeadallocForCausalLM:
-    """The student that `plan` gives, initialised from `teacher` (data-aware with a calibration)."""
-    ad = adapter_for(teacher)
-    g = Geometry.of(teacher)
-    layers = list(plan)
-    if len(layers) != g.n_layers:
-        raise ValueError(f"plan has {len(layers)} layers; the model has {g.n_layers}")
-    specs, weights = [], []
-    if calibration is not None and any(lp.rank_o for lp in layers):
-        output_moments(teacher, calibration)  # (cached on the calibration, read by factor_weights)
-    for i, lp in enumerate(layers):
-        M = None if calibration is None else calibration.second_moment[i]
-        s, w = reduce_layer(ad.weights(teacher, i), M, lp, g, i, **(factor_weights(calibration, i) if lp.rank_o else {}))
-        specs.append(s)
-        weights.append(w)
-    info = plan.to_dict(with_info=False) if isinstance(plan, Plan) else {"layers": [lp.to_dict() for lp in layers]}
-    return build_student(teacher, specs, weights, info, dtype)
-
-
-@torch.no_grad()
-def cast_parameters(model, dtype: torch.dtype):
-    """Parameters to `dtype`, buffers untouched (rotary inverse frequencies stay float32, as transformers
-    keeps them when it loads a model in a lower precision)."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    return model
-
-
-def identity_plan(model) -> Plan:
-    g = Geometry.of(model)
-    return Plan([g.full() for _ in range(g.n_layers)], "identity", 1.0)
-
-
-def student_specs(model) -> list[HeadSpec]:
-    """Per-layer head specs of any supported model: a student's own, or a teacher's full shape."""
-    if getattr(model.config, "model_type", None) == "headalloc":
-        return [HeadSpec.from_dict(a) for a in model.config.attn_layers]
-    g = Geometry.of(model)
-    return [g.spec(g.full()) for _ in range(g.n_layers)]

@@ -10,7 +10,7 @@ the equal-cost pairs can be checked:
 Factorisations are the whitened truncated SVDs of `reduce.factor_projections` (queries by the layer input's
 second moment, the output projection by the head outputs').
 
-    python benchmarks/bench_layer_factorisation.py [--layers 2,10,18,26] [--windows 8]
+    python studies/layer_factorisation.py [--layers 2,10,18,26] [--windows 8]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from headalloc.compression.calibration import collect
 from headalloc.compression.families import adapter_for
 from headalloc.compression.reduce import Geometry, attention_module, output_moments, reduce_layer
 from headalloc.compression.spec import LayerPlan
-from headalloc.compression.strategies import attention_output_grads, layer_error, teacher_outputs
+from headalloc.compression.planning.estimates import attention_output_grads, layer_error, teacher_outputs
 
 
 def main():
@@ -63,4 +63,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("study", "layer_factorisation"):
+        main()

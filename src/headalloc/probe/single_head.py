@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from headalloc.compression.reduce import _sym_sqrt
+from headalloc.compression.reduce.linalg import _sym_sqrt
 from transformers.models.llama.modeling_llama import rotate_half
 
 

@@ -18,7 +18,7 @@ M of the fitting windows (half Wikipedia, half the Canterbury books: in-sample) 
 `pydoc`: 12 windows of 256 each). The pipeline's default moments also pool the end-to-end windows; this is a
 one-matrix-at-a-time measurement, not a compressed model.
 
-    python benchmarks/bench_basis_sharing.py [--windows 48] [--rank 96]
+    python studies/basis_sharing.py [--windows 48] [--rank 96]
 """
 
 from __future__ import annotations
@@ -158,4 +158,7 @@ def main() -> None:
                     ws, mf, 1, int)
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("study", "basis_sharing"):
+        main()

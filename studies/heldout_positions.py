@@ -5,7 +5,7 @@ of Wikipedia validation text and of the two held-out texts with both, and prints
 position bucket, then the mean log-loss increase on tokens that continue a bigram already seen earlier in the
 window ("copyable": what in-context copying predicts) and on the rest.
 
-    python benchmarks/bench_heldout_positions.py FOLDER [--windows 12] [--length 512]
+    python studies/heldout_positions.py FOLDER [--windows 12] [--length 512]
 """
 
 from __future__ import annotations
@@ -70,4 +70,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("study", "heldout_positions"):
+        main()

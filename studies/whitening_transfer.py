@@ -9,7 +9,7 @@ two kinds of text nothing was fitted on (`alice`, `pydoc`). Varied side by side 
 - how many windows the moments come from (`--moment-windows`: the calibration windows only, or more).
 The calibration column is the error on the first `--windows` windows (in-sample for the smallest count).
 
-    python benchmarks/bench_whitening_transfer.py [--layers 2,10,18,26] [--windows 8] [--more 64]
+    python studies/whitening_transfer.py [--layers 2,10,18,26] [--windows 8] [--more 64]
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from headalloc.assets import load_model, token_windows
 from headalloc.compression.calibration import collect, shrink_moment
 from headalloc.compression.families import adapter_for
-from headalloc.compression.pipeline import shrink_second_moment
+from headalloc.compression.calibration import shrink_second_moment
 from headalloc.compression.reduce import Geometry, attention_module, output_moments, reduce_layer
 from headalloc.compression.spec import LayerPlan
-from headalloc.compression.strategies import teacher_outputs
+from headalloc.compression.planning.estimates import teacher_outputs
 
 
 def rel_error(mod, data, ref) -> float:
@@ -82,4 +82,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from headalloc.reports.ledger import recorded
+
+    with recorded("study", "whitening_transfer"):
+        main()

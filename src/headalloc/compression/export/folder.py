@@ -59,15 +59,12 @@ def _clean_tokenizer_files(folder: Path) -> None:
         p.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _ppl(d: dict | None) -> str:
-    return f"{d['ppl']:.2f}" if d else "not measured (`--eval-before`)"
-
-
 def model_card(record: dict) -> str:
     """README.md for the saved folder: base model, the plan, measured perplexity and KV size, the command."""
+    from headalloc.compression.report import CompressionReport
+
     cfg = record.get("config", {})
     plan = record.get("plan", {})
-    t, a, b = record.get("teacher", {}), record.get("after_distill", {}), record.get("before_distill", {})
     base = record.get("base_model", cfg.get("model", "unknown"))
     lines = ["---", f"base_model: {base}", "library_name: transformers", "tags:", "- headalloc",
              "- attention-compression", "---", "",
@@ -80,21 +77,9 @@ def model_card(record: dict) -> str:
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              "model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)",
              "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
-    if t and a:
-        ev = record.get("evaluation", {})
-        lines += ["## Measured", "",
-                  f"Perplexity on {ev.get('windows')} held-out windows of {ev.get('length')} tokens of "
-                  f"`{ev.get('corpus')}` (validation split, never used for fitting):", "",
-                  "| | original | compressed, before distillation | compressed |", "|---|---|---|---|",
-                  f"| perplexity | {t['ppl']:.2f} | {_ppl(b)} | {a['ppl']:.2f} |",
-                  *[f"| perplexity on held-out `{h['corpus']}` (a kind of text never fitted on) | "
-                    f"{h['teacher']['ppl']:.2f} | {_ppl(h.get('before'))} | "
-                    f"{h['after']['ppl']:.2f} |"
-                    for h in (record.get("heldout") or {}).values()],
-                  f"| attention parameters | {t['params_attention']:,} | | {a['params_attention']:,} "
-                  f"({a['params_attention'] / t['params_attention']:.3f}x) |",
-                  f"| KV cache bytes per token | {t['kv_bytes_per_token']:,} | | {a['kv_bytes_per_token']:,} "
-                  f"({a['kv_bytes_per_token'] / t['kv_bytes_per_token']:.3f}x) |", ""]
+    measured = CompressionReport.from_record(record).format_markdown()
+    if measured:
+        lines += ["## Measured", "", *measured, ""]
     if plan.get("layers"):
         lines += ["## Plan (per layer)", "", "| layer | kv heads kept | query heads per kv head | qk width | v width | "
                   "query / output projection rank |", "|---|---|---|---|---|---|"]
