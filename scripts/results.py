@@ -49,7 +49,7 @@ def cmd_index(a) -> int:
         if p.name == where.name or p.is_dir() or str(p.relative_to(ROOT)) in known:
             continue
         h = header(p)
-        row = {"id": "log-" + re.sub(r"[^a-z0-9]+", "-", p.stem.lower()), "date": None, "kind": "log",
+        row = {"id": "log-" + re.sub(r"[^a-z0-9]+", "-", p.name.lower()), "date": None, "kind": "log",
                "name": p.stem, "commit": h["commit"], "dirty": None, "command": h["command"], "settings": {},
                "machine": {}, "metrics": {"file": h["file"], "session": h["session"], "head": h["head"]}}
         with open(where, "a", encoding="utf-8") as f:

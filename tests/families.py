@@ -97,3 +97,22 @@ def logits_without_headalloc(folder, ids: torch.Tensor, work, dtype: torch.dtype
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return torch.load(work / "out.pt")
+
+
+def held_cache_bytes(model, tokens: int = 12) -> int:
+    """Bytes the model's KV cache really holds after a forward over `tokens` tokens (every tensor of every layer of
+    the cache transformers hands back), divided by `tokens`: a measurement of the cache, independent of any cost
+    formula."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        cache = getattr(model(torch.randint(0, vocab, (1, tokens)), use_cache=True), name)
+    held = 0
+    for layer in cache.layers:
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor):
+                held += t.numel() * t.element_size()
+    assert held % tokens == 0, "a cache holds whole tokens"
+    return held // tokens

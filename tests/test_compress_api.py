@@ -38,6 +38,14 @@ def test_bfloat16_end_to_end_compress_save_load(bf16_folder, tmp_path):
         assert torch.equal(loaded(x).logits, r.model(x).logits)
     card = (out / "README.md").read_text()
     assert "base_model: " in card and "| perplexity |" in card and str(tmp_path) not in card
+    # the saved record reads back as the run's own report; the card and the text summary show its numbers
+    from headalloc.compression.report import CompressionReport
+
+    back = CompressionReport.from_record(json.loads((out / "headalloc.json").read_text()))
+    assert back == r.report
+    v = r.report.validation
+    assert f"| {v.teacher.ppl:.2f} | " in card and f" | {v.after.ppl:.2f} |" in card
+    assert f"original {v.teacher.ppl:.2f}, compressed {v.after.ppl:.2f}" in r.report.format_text()[0]
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert not {"is_local", "local_files_only", "name_or_path"} & set(tok_cfg)
     # saving in another dtype on request
@@ -248,7 +256,6 @@ def test_generated_fitting_text_is_the_originals_own_samples(tmp_path, monkeypat
 def test_fitting_text_parts_share_the_windows_equally(tmp_path, monkeypatch):
     """fit_text "a+b+c": equal shares of corpus windows, the model's samples and another text's train split;
     "mixed" is exactly "corpus+generated"; a misspelt part or a part that is also held out is refused."""
-    from dataclasses import replace
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -372,21 +379,22 @@ def test_a_calibration_is_reused_only_with_the_fitting_text_it_was_made_from(tmp
                            progress=False)
 
 
-def test_defaults_by_budget_kind_fill_only_what_was_not_given():
-    """fit_text and whiten_shrink left unset take the budget kind's values (validate and to_dict resolve them);
-    a given value, or a preset's, is kept under either kind."""
-    from dataclasses import replace
+def test_defaults_by_budget_kind_fill_only_what_was_not_given(monkeypatch):
+    """fit_text and whiten_shrink left unset take their budget kind's values (validate and to_dict resolve them),
+    from whatever table is in force (here the test's own); a given value, or a preset's, is kept under either
+    kind."""
+    from headalloc.compression import settings
 
-    for kind in ("params", "kv"):
+    monkeypatch.setattr(settings, "BY_BUDGET_KIND", {"params": {"fit_text": "corpus+stdlib", "whiten_shrink": 0.05},
+                                                     "kv": {"fit_text": "generated", "whiten_shrink": 0.3}})
+    for kind, want in (("params", ("corpus+stdlib", 0.05)), ("kv", ("generated", 0.3))):
         cfg = preset("default").replace(budget_kind=kind).validate()
-        assert (cfg.fit.text, cfg.calib.whiten_shrink) == (BY_BUDGET_KIND[kind]["fit_text"], BY_BUDGET_KIND[kind]["whiten_shrink"])
-        assert preset("default").replace(budget_kind=kind).to_dict()["fit_text"] == cfg.fit.text
+        assert (cfg.fit.text, cfg.calib.whiten_shrink) == want
+        assert preset("default").replace(budget_kind=kind).to_dict()["fit_text"] == want[0]
         given = preset("default").replace(budget_kind=kind, fit_text="mixed", whiten_shrink=0.1).validate()
         assert (given.fit.text, given.calib.whiten_shrink) == ("mixed", 0.1)
         quick = preset("quick").replace(budget_kind=kind).validate()
         assert (quick.fit.text, quick.calib.whiten_shrink) == ("mixed", 0.0)  # the main job's cells do not move
-    assert BY_BUDGET_KIND["kv"]["fit_text"] != BY_BUDGET_KIND["params"]["fit_text"]
-    assert [p for p, _ in preset("default").replace(budget_kind="kv").fit_shares] == \
-        ["corpus", "generated", "canterbury", "stdlib"]
+    assert [p for p, _ in preset("default").replace(budget_kind="params").fit_shares] == ["corpus", "stdlib"]
     with pytest.raises(ValueError, match="budget_kind"):
         preset("default").replace(budget_kind="flops").validate()

@@ -2,7 +2,6 @@
 close to float32's, the moments' sums stay float32 inside it, and the value used is recorded and keys the
 calibration."""
 
-from dataclasses import replace
 
 import pytest
 import torch

@@ -69,7 +69,7 @@ class PlanArgs:
 
 @dataclass
 class FitTextArgs:
-    TITLE = "calibration"
+    TITLE = "fitting text"
     corpus: str = _f("wiki", "calibration/distillation text: 'wiki', 'pydoc', a text file (documents separated by "
                              "blank lines) or a .jsonl file of {\"text\": ...} documents")
     text: str | None = _f(None, "text the student is fitted on (planning, both distillation stages): windows of "

@@ -13,15 +13,21 @@ latent     palu, mha2mla (the peers) and measured-latent (ours over their latent
 lowrank    measured-lowrank (ours: factorised projections and latents)
 
 Add a strategy: one function `fn(req: PlanRequest) -> (list[LayerPlan], info)` decorated with
-`@strategy("name")` in a module here, and that module imported below. The CLI's choices, the experiments and
-the benchmarks read `STRATEGIES`.
+`@strategy("name")`, in the module of its family here or in a new module here (every module of this package is
+imported below, so nothing else changes). The CLI's choices, the experiments and the benchmarks read `STRATEGIES`.
 """
+
+import importlib
+import pkgutil
+
 
 from headalloc.compression.planning.registry import (AUTO, AUTO_DESCRIPTION, BUDGET_KINDS, STRATEGIES, PlanRequest,
                                                      Strategy, auto_strategy, check_budget, make_plan, strategy)
 from headalloc.compression.planning.state import EXPONENTS, MeasureOptions, Measurements, PlanOptions
 from headalloc.compression.planning.knapsack import budget_capacity, choose, grid, knapsack
-from headalloc.compression.planning import heads, latent, lowrank  # noqa: E402,F401  (registers the strategies)
+
+for _m in pkgutil.iter_modules(__path__):  # every module here, in name order: each registers its strategies
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["AUTO", "AUTO_DESCRIPTION", "BUDGET_KINDS", "STRATEGIES", "PlanRequest", "Strategy", "auto_strategy",
            "check_budget", "make_plan", "strategy", "EXPONENTS", "MeasureOptions", "Measurements", "PlanOptions",
