@@ -65,7 +65,7 @@ def main():
           f"{' '.join(f'{x:.4f}' for x in c32)}; bfloat16 {' '.join(f'{x:.4f}' for x in c16)}; loss after (first window) "
           f"{r32['loss_after']:.4f} vs {r16['loss_after']:.4f}")
 
-    # the original's pass over fitting windows (moments + top-k targets), as pipeline.calibration runs it
+    # the original's pass over fitting windows (moments + top-k targets), as pipeline.prepare runs it
     wt = token_windows(tok, "wiki", "train", 256, 8, seed=1)
 
     def teacher_pass(autocast):

@@ -4,7 +4,7 @@ A default compression runs the original model over its 600 end-to-end fitting wi
 and the top-k distillation targets from the same pass; `calibration.collect`); on 2 CPU cores that is a third of a
 default run. This times that pass on real text at `--batch` windows per forward against one, the two interleaved in
 one process so the machine's load hits both alike, prints the ratio, and checks that both give the same top-k
-targets and moments (the batched pass is what `pipeline.calibration` runs).
+targets and moments (the batched pass is what `pipeline.prepare` runs).
 
     python benchmarks/bench_calibration_batch.py [--windows 16] [--batch 4] [--rounds 3] [--device cpu]
 """

@@ -78,11 +78,6 @@ def main():
         run_budget(a, cfg.replace(budget=budget), teacher, tok, data, t_ppl)
 
 
-def interval(r) -> str:
-    """A ratio's 90% paired bootstrap interval over the evaluation windows, when measured."""
-    return f" [{r.low:.2f}, {r.high:.2f}]" if r else ""
-
-
 def save_path(a, cfg, strat: str):
     """Where --save-dir keeps one strategy's model at one budget (e.g. DIR/params05-measured-lowrank)."""
     from pathlib import Path
@@ -100,23 +95,16 @@ def run_budget(a, cfg, teacher, tok, data, t_ppl):
         except ValueError as e:  # e.g. a budget below a strategy's smallest option
             print(f"  {strat:15s} not run: {e}", flush=True)
             continue
-        rep, v = r.report, r.report.validation
-        p = v.after.ppl
-
-        def stages(t) -> str:  # original -> before fitting -> after the layer-local stage -> final
-            return " -> ".join(f"{x.ppl:.2f}" for x in (t.teacher, t.before, t.after_layerwise, t.after) if x)
-
-        held = "".join(f"; held-out '{k}' {stages(h)} ({h.ratio:.2f}x{interval(h.interval)}, {h.windows} windows of "
-                       f"{h.length})" for k, h in rep.heldout.items())
+        rep = r.report
         models[strat] = r.model
         if a.save_dir:
             print(f"  {'':15s} saved to {r.save(save_path(a, cfg, strat))}", flush=True)
         kvr = rep.costs.kv_bytes_per_token / rep.teacher_costs.kv_bytes_per_token
-        rows.append((strat, p / t_ppl, {k: h.ratio for k, h in rep.heldout.items()}, kvr, rep.costs.kv_bytes_per_token))
-        t = rep.timings
-        print(f"  {strat:15s} Wikipedia {stages(v)} ({p / t_ppl:.2f}x original{interval(v.interval)}){held}; "
-              f"KV {kvr:.3f}x   [{time.time() - t0:.0f} s: plan {t.plan:.0f}, layer-local {t.layerwise or 0:.0f}, "
-              f"end-to-end {t.distill - (t.layerwise or 0):.0f}, rest evaluation]", flush=True)
+        rows.append((strat, rep.validation.ratio, {k: h.ratio for k, h in rep.heldout.items()}, kvr,
+                     rep.costs.kv_bytes_per_token))
+        print(f"  {strat} ({time.time() - t0:.0f} s):", flush=True)
+        for line in rep.format_text():
+            print(f"    {line}", flush=True)
         if "exponent" in r.plan.info:  # our knapsacks: the candidate plan that lost least on the calibration text
             losses = ", ".join(f"{k}: {v:.4f}" for k, v in r.plan.info["calibration_loss_by_candidate"].items())
             print(f"  {'':15s} kept p={r.plan.info['exponent']}, layers without attention "

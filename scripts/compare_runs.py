@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 # what depends on the clock, the machine or where a run was written, not on what was computed
-IGNORED = ("seconds", "time", "elapsed", "command", "path", "dir", "created", "machine", "commit", "python",
+IGNORED = ("seconds", "time", "elapsed", "command", "path", "dir", "created", "finished", "machine", "commit", "python",
            "torch_version", "platform", "tok_per_s", "speed", "date", "host")
 
 

@@ -30,7 +30,7 @@ class Calibration:
     out_moment: list[torch.Tensor] | None = None  # per layer: E[z z^T] of the output projection's input (outputs=True)
     parts: list[str] | None = None  # per window: the part of the fitting text it came from (None: one kind)
     # per part of the fitting text: (second moments, output moments, tokens) of its moment windows, unshrunk
-    # (pipeline.calibration with plan_error "leave-part-out"; read by `folds`)
+    # (pipeline.prepare with plan_error "leave-part-out"; read by `folds`)
     part_moments: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], int]] | None = None
     whiten_shrink: float = 0.0  # how far the moments were pulled toward isotropic (`shrink_second_moment`)
     fold: str | None = None  # the part of the fitting text this calibration's moments leave out (`excluding`)
@@ -56,7 +56,7 @@ class Calibration:
         without that part's moments, the indices of that part's windows)."""
         if not self.parts or len(self.parts) != len(self.windows):
             raise ValueError("a leave-part-out estimate needs the part of each calibration window "
-                             "(pipeline.calibration names them)")
+                             "(pipeline.prepare names them)")
         names = sorted(set(self.parts))
         if len(names) < 2:
             raise ValueError(f"a leave-part-out estimate needs a fitting text of two or more parts; the "

@@ -181,7 +181,8 @@ class CompressionReport:
             if tr.teacher is None or tr.after is None:
                 continue
             rows.append(SummaryRow(role, tr.name, tr.windows, tr.length, tr.teacher.ppl,
-                                   None if tr.before is None else tr.before.ppl, tr.after.ppl, tr.ratio, tr.interval))
+                                   None if tr.before is None else tr.before.ppl, tr.after.ppl, tr.ratio, tr.interval,
+                                   None if tr.after_layerwise is None else tr.after_layerwise.ppl))
         if self.teacher_costs and self.costs:
             rows.append(SummaryRow("cost", "attention parameters", None, None, self.teacher_costs.params_attention,
                                    None, self.costs.params_attention,
@@ -192,12 +193,14 @@ class CompressionReport:
         return rows
 
     def format_text(self) -> list[str]:
-        """The summary as lines of text (the CLI and the benchmarks print these)."""
+        """The summary as lines of text (the CLI, the benchmarks and the reproduce experiment print these): each
+        text's perplexity, original then compressed (before fitting -> after the layer-local stage -> final, as far
+        as measured), its ratio and interval; the costs; the time."""
         lines = []
         for r in self.summary_rows():
             if r.role == "cost":
                 continue
-            before = f"{r.before:.2f} -> " if r.before is not None else ""
+            before = "".join(f"{x:.2f} -> " for x in (r.before, r.after_layerwise) if x is not None)
             interval = (f", 90% interval over windows {r.interval.low:.2f}-{r.interval.high:.2f}"
                         if r.interval else "")
             what = "perplexity" if r.role == "validation" else f"held-out text '{r.name}' (never fitted on)"
@@ -248,6 +251,7 @@ class SummaryRow:
     after: float
     ratio: float
     interval: RatioInterval | None = None
+    after_layerwise: float | None = None  # after the layer-local stage alone, when measured (`keep_stages`)
 
 
 def _text_record(h: TextResult) -> dict:

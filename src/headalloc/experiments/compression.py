@@ -44,6 +44,8 @@ def compute(ctx: RunContext) -> dict:
                 data = prepare(teacher, tok, cfg0)
             r = compress(teacher, tokenizer=tok, config=cfg0.replace(budget=b, strategy=strat),
                          calibration_data=data, keep_stages=True)
+            for line in r.report.format_text():
+                print(f"[compress_smollm2] budget {b}, {strat}: {line}", flush=True)
             m = r.report.record()
             partial[key] = {
                 "budget": b, "strategy": strat, "before": m["before_distill"], "after": m["after_distill"],

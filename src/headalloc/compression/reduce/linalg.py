@@ -78,7 +78,7 @@ def block_whitened_low_rank(W: torch.Tensor, C: torch.Tensor | None, rank: int, 
     shared up factor is refitted by least squares under the whole C, up = W C D^T (D C D^T)^+, which accounts for
     the blocks' cross terms (the least-squares up factor does not depend on an output-side weight). At equal
     parameters this keeps the output projection better than one rank-r factorisation on SmolLM2, on text the
-    moments never saw too (`benchmarks/bench_basis_sharing.py`)."""
+    moments never saw too (`studies/basis_sharing.py`)."""
     n_out, n_in = W.shape
     if groups < 2 or n_in % groups or rank % groups or not 1 <= rank // groups <= min(n_out, n_in // groups):
         raise ValueError(f"layer {layer_idx}: a block-diagonal output factor needs groups >= 2 dividing the "
