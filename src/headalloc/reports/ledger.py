@@ -40,7 +40,9 @@ def commit() -> dict:
         head = git("rev-parse", "HEAD")
         if head.returncode:
             return {"commit": None, "dirty": None}
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        # (the ledger's own rows do not make a checkout differ from its commit)
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    f":!{DEFAULT.relative_to(_REPO).as_posix()}")
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
