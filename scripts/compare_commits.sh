@@ -26,10 +26,17 @@ OUT=${ARGS[2]:-results/compare-$BEFORE-$AFTER}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=$(pwd)/.venv/bin/python
+# the worktrees this script adds are removed however it ends (a kill included); results and logs stay in OUT
+trees=()
+cleanup() { for t in "${trees[@]}"; do git worktree remove --force "$t" 2>/dev/null || true; done; git worktree prune; }
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 RUN='import sys, torch; torch.set_num_threads(1); from headalloc.cli import main; raise SystemExit(main(sys.argv[1:]))'
 for c in "$BEFORE" "$AFTER"; do
   tree="$OUT/tree-$c"
   git worktree add --detach "$tree" "$c" >/dev/null
+  trees+=("$tree")
   for job in quick default; do
     [ "$job" = default ] && [ "$QUICK_ONLY" = 1 ] && continue
     start=$(date +%s)
@@ -44,7 +51,6 @@ for c in "$BEFORE" "$AFTER"; do
       echo "compare_commits: $job on $c failed: $OUT/$c-$job.log" >&2; exit 1; }
     echo "$c $job: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
   done
-  git worktree remove --force "$tree"
 done
 rc=0
 "$PY" scripts/compare_runs.py "$OUT/$BEFORE-quick" "$OUT/$AFTER-quick" || rc=1

@@ -14,22 +14,29 @@ import math
 import sys
 from pathlib import Path
 
-# what depends on the clock, the machine or where a run was written, not on what was computed
-IGNORED = ("seconds", "time", "elapsed", "command", "path", "dir", "created", "finished", "machine", "commit", "python",
-           "torch_version", "platform", "tok_per_s", "speed", "date", "host")
+# what depends on the clock, the machine or where a run was written, not on what was computed: a key is ignored
+# when one of its words (split at "_") is one of these, e.g. "seconds_plan", "out_dir"; "candidate" is not "date"
+IGNORED = {"seconds", "time", "elapsed", "command", "path", "dir", "created", "finished", "machine", "commit",
+           "python", "version", "platform", "speed", "date", "host", "tok"}
 
 
 def ignored(key: str) -> bool:
-    k = key.lower()
-    return any(w in k for w in IGNORED)
+    return bool(IGNORED & set(key.lower().split("_")))
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"compare_runs: {path} is not a readable JSON record ({e}); give the run's own output") from None
 
 
 def records(path: Path) -> dict[str, object]:
     if path.is_file():
-        return {path.name: json.loads(path.read_text())}
+        return {path.name: _load(path)}
     if (path / "headalloc.json").is_file():
-        return {"headalloc.json": json.loads((path / "headalloc.json").read_text())}
-    found = {str(p.relative_to(path)): json.loads(p.read_text()) for p in sorted(path.rglob("result.json"))}
+        return {"headalloc.json": _load(path / "headalloc.json")}
+    found = {str(p.relative_to(path)): _load(p) for p in sorted(path.rglob("result.json"))}
     if not found:
         raise SystemExit(f"compare_runs: {path} holds no headalloc.json or result.json; give a compress output "
                          f"folder, a reproduce results folder or a JSON file")

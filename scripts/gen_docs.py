@@ -21,6 +21,9 @@ PAGES = {"settings": ROOT / "docs" / "reference" / "settings.md",
          "strategies": ROOT / "docs" / "reference" / "strategies.md"}
 
 
+from headalloc.io import atomic_write_text  # noqa: E402
+
+
 def _cell(v) -> str:
     return "" if v is None else f"`{v}`"
 
@@ -90,8 +93,7 @@ def main(argv=None) -> int:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(path)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            atomic_write_text(path, text)  # (a killed run leaves the old page, never half of a new one)
             print(f"wrote {path.relative_to(ROOT)}")
     for p in stale:
         print(f"{p.relative_to(ROOT)} is stale: run python scripts/gen_docs.py", file=sys.stderr)

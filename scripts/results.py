@@ -99,7 +99,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_show)
     sub.add_parser("index").set_defaults(fn=cmd_index)
     a = ap.parse_args(argv)
-    return a.fn(a)
+    try:
+        return a.fn(a)
+    except ValueError as e:  # a damaged ledger line: named, with the fix
+        print(f"results: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ cannot be misspelt. Runs that share a calibration share its `Measurements` throu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -172,11 +172,3 @@ class Measurements:
         if windows not in memo:
             memo[windows] = compute()
         return memo[windows]
-
-    def clear_layer_passes(self) -> None:
-        self._layer = None
-
-
-def describe(key) -> str:
-    """A key as text, e.g. for a progress message or a test's failure."""
-    return f"{type(key).__name__}(" + ", ".join(f"{f.name}={getattr(key, f.name)!r}" for f in fields(key)) + ")"
